@@ -1,0 +1,495 @@
+"""The Postgres datalake: DSN resolution, embedded server, migrations, bulk upsert sinks.
+
+Writes go through ``beam-postgres``: ``CopyUpsertFn`` extends its write DoFn (same
+lifecycle, batching, retry strategy and failed-rows output) so that each batch goes
+in by one binary ``COPY`` into a temporary stage plus one guarded upsert, instead of
+one ``INSERT`` per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import operator
+import os
+import typing
+import uuid
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import apache_beam as beam
+import orjson
+import psycopg
+from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Timestamp
+from beam_postgres.io.postgres import DEFAULT_MAX_RETRY_DELAY_SECS, _PostgresWriteFn
+from beam_postgres.io.retry import RetryRowOnTransientErrorStrategy, RetryRowStrategy
+from psycopg import sql
+
+from transforms.parse import METRICS_NAMESPACE
+from transforms.records import DeadLetter, Product, Review
+
+SINK_STAGE = "sink"
+DEFAULT_BATCH_SIZE = 10_000
+DEFAULT_WRITE_RETRIES = 5
+DATALAKE_TABLES = ("products", "reviews", "dead_letters", "pipeline_runs")
+_LOG = logging.getLogger(__name__)
+
+
+class DatalakeUnavailable(RuntimeError):
+    """The database cannot be reached; the message says how to point at one that can."""
+
+
+# --- where the datalake is --------------------------------------------------------
+
+
+def termidator_home() -> Path:
+    """Where TermiDator keeps its state: ``TERMIDATOR_HOME``, default ``~/.termidator``."""
+    return Path(os.environ.get("TERMIDATOR_HOME") or Path.home() / ".termidator").expanduser()
+
+
+def resolve_dsn(dsn: Optional[str] = None) -> str:
+    """The DSN to use: the argument, else ``TERMIDATOR_DSN``, else the embedded server."""
+    return dsn or os.environ.get("TERMIDATOR_DSN") or embedded_dsn()
+
+
+def embedded_dsn(home: Optional[Path] = None) -> str:
+    """Start (or find running) the embedded Postgres under the home and return its DSN.
+
+    The server is left running between runs; ``stop_embedded`` stops it.
+    """
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import pgserver  # imported here: only the embedded default needs it
+
+    pgdata = (home or termidator_home()) / "pgdata"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode=None)
+    except Exception as error:  # noqa: BLE001 - pgserver raises many kinds
+        raise DatalakeUnavailable(
+            f"cannot start the embedded Postgres in {pgdata}: {error}; "
+            "set --dsn or TERMIDATOR_DSN to use another server"
+        ) from None
+    return server.get_uri()
+
+
+def stop_embedded(home: Optional[Path] = None) -> None:
+    """Stop the embedded server under the home, if it runs (tests, ``db stop``)."""
+    import pgserver
+
+    pgdata = (home or termidator_home()) / "pgdata"
+    if (pgdata / "postmaster.pid").exists():
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server.cleanup()
+
+
+def connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
+    """Open a connection, turning failure into a one-line error that names the fix."""
+    try:
+        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
+    except psycopg.Error as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DatalakeUnavailable(
+            f"cannot connect to Postgres at {redact(dsn)}: {reason}; fix --dsn or "
+            "TERMIDATOR_DSN, or unset both to use the embedded datalake"
+        ) from None
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparseable DSN>"
+    if "password" in info:
+        info["password"] = "***"
+    return psycopg.conninfo.make_conninfo(**info)
+
+
+# --- schema -------------------------------------------------------------------------
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """The versioned migrations shipped in ``connectors/sql``: (version, name, sql)."""
+    found = []
+    for entry in resources.files("connectors").joinpath("sql").iterdir():
+        if entry.name.endswith(".sql") and entry.name[:3].isdigit():
+            found.append((int(entry.name[:3]), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(dsn: str) -> list[str]:
+    """Apply pending migrations in order, once each, under an advisory lock.
+
+    Returns the names applied now (empty when the schema is current).
+    """
+    applied_now = []
+    with connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(7461726)")  # one migrator at a time
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+            for version, name, script in migrations():
+                if version in done:
+                    continue
+                conn.execute(script)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+                applied_now.append(name)
+    return applied_now
+
+
+def table_counts(dsn: str, tables: Iterable[str]) -> dict[str, int]:
+    """Exact row counts of the named tables."""
+    with connect(dsn) as conn:
+        return {
+            table: conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+            ).fetchone()[0]
+            for table in tables
+        }
+
+
+# --- runs ---------------------------------------------------------------------------
+
+
+def start_run(
+    dsn: str, pipeline: str, options: Mapping[str, Any], run_id: Optional[str] = None
+) -> str:
+    """Record a run as RUNNING and return its id."""
+    run_id = run_id or str(uuid.uuid4())
+    with connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO pipeline_runs (run_id, pipeline, options, state)"
+            " VALUES (%s, %s, %s::jsonb, 'RUNNING')",
+            (run_id, pipeline, json.dumps(options, default=str)),
+        )
+    return run_id
+
+
+def finish_run(
+    dsn: str, run_id: str, state: str, runner: Optional[str], counters: Mapping[str, int]
+) -> None:
+    """Record how a run ended: state, the runner that really ran, its counters."""
+    with connect(dsn) as conn:
+        conn.execute(
+            "UPDATE pipeline_runs SET state = %s, runner = %s, counters = %s::jsonb,"
+            " finished_at = now() WHERE run_id = %s",
+            (state, runner, json.dumps(dict(counters)), run_id),
+        )
+
+
+# --- tables and their bulk upsert -------------------------------------------------
+
+
+def _json_text(value: Any) -> Optional[str]:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _utc_datetime(value: Timestamp) -> datetime.datetime:
+    return value.to_utc_datetime(has_tz=True)
+
+
+# Python field type -> (type in the binary COPY stage, cast into the target, converter)
+_STAGE_TYPES: Mapping[Any, tuple[str, str, Optional[Callable[[Any], Any]]]] = {
+    str: ("text", "", None),
+    int: ("int8", "", None),
+    float: ("float8", "", None),
+    bool: ("bool", "", None),
+    Timestamp: ("timestamptz", "", _utc_datetime),
+    Sequence[str]: ("text[]", "", None),
+    Mapping[str, str]: ("text", "::jsonb", _json_text),
+    Mapping[str, int]: ("text", "::jsonb", _json_text),
+}
+_JSON_TEXT_COLUMNS = {"details"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+    """A datalake table fed from a record type: its key and how rows bind to COPY."""
+
+    table: str
+    record_type: type
+    key: tuple[str, ...]
+    constants: tuple[tuple[str, str, str], ...] = ()  # (column, stage type, value)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.record_type._fields) + tuple(c for c, _, _ in self.constants)
+
+    def _field_types(self) -> list[tuple[str, str, str, Optional[Callable[[Any], Any]]]]:
+        hints = typing.get_type_hints(self.record_type)
+        out = []
+        for name in self.record_type._fields:
+            hint = hints[name]
+            if typing.get_origin(hint) is typing.Union:
+                hint = next(a for a in typing.get_args(hint) if a is not type(None))
+            stage_type, cast, convert = _STAGE_TYPES[hint]
+            if name in _JSON_TEXT_COLUMNS:
+                cast = "::jsonb"
+            out.append((name, stage_type, cast, convert))
+        return out
+
+    @property
+    def stage_types(self) -> list[str]:
+        return [t for _, t, _, _ in self._field_types()]
+
+    def converters(self) -> list[tuple[int, Callable[[Any], Any]]]:
+        """(index, converter) for the fields that need one before binary COPY."""
+        return [(i, f[3]) for i, f in enumerate(self._field_types()) if f[3] is not None]
+
+    def stage_ddl(self, stage: str) -> sql.Composed:
+        cols = [
+            sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(stage_type))
+            for name, stage_type, _, _ in self._field_types()
+        ]
+        return sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
+        ).format(sql.Identifier(stage), sql.SQL(", ").join(cols))
+
+    def copy_sql(self, stage: str) -> sql.Composed:
+        return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            sql.Identifier(stage),
+            sql.SQL(", ").join(map(sql.Identifier, self.record_type._fields)),
+        )
+
+    def upsert_sql(self, stage: str) -> sql.Composed:
+        """INSERT … SELECT from the stage; on key conflict update only rows that differ."""
+        select = [
+            sql.SQL("{}{}").format(sql.Identifier(name), sql.SQL(cast))
+            for name, _, cast, _ in self._field_types()
+        ] + [sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t)) for _, t, v in self.constants]
+        target = sql.Identifier(self.table)
+        statement = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+            target,
+            sql.SQL(", ").join(map(sql.Identifier, self.columns)),
+            sql.SQL(", ").join(select),
+            sql.Identifier(stage),
+        )
+        if not self.key:
+            return statement
+        updated = [c for c in self.columns if c not in self.key]
+        return statement + sql.SQL(
+            " ON CONFLICT ({}) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})"
+        ).format(
+            sql.SQL(", ").join(map(sql.Identifier, self.key)),
+            sql.SQL(", ").join(
+                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updated
+            ),
+            sql.SQL(", ").join(sql.SQL("{}.{}").format(target, sql.Identifier(c)) for c in updated),
+            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in updated),
+        )
+
+
+REVIEWS = TableSpec("reviews", Review, ("review_id",))
+PRODUCTS = TableSpec("products", Product, ("asin",))
+
+
+def dead_letter_table(run_id: Optional[str]) -> TableSpec:
+    """The append-only dead-letter table, each row stamped with the run's id."""
+    constants = (("run_id", "uuid", run_id),) if run_id else ()
+    return TableSpec("dead_letters", DeadLetter, (), constants)
+
+
+class CopyUpsertFn(_PostgresWriteFn):
+    """beam-postgres' write DoFn, one binary COPY + one guarded upsert per batch.
+
+    A batch the database rejects is bisected to find the offending row, which
+    comes out of the failed-rows output; the rest of the batch is written.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        spec: TableSpec,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        retry_strategy: RetryRowStrategy = RetryRowOnTransientErrorStrategy(),
+        max_retries: int = DEFAULT_WRITE_RETRIES,
+        max_retry_delay_secs: int = DEFAULT_MAX_RETRY_DELAY_SECS,
+    ):
+        self._spec = spec
+        super().__init__(
+            conninfo,
+            spec.upsert_sql(f"stage_{spec.table}").as_string(None),
+            batch_size,
+            retry_strategy,
+            max_retries,
+            max_retry_delay_secs,
+        )
+        self._written = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}_upserted")
+        self._changed = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}_changed")
+
+    def setup(self):
+        stage = f"stage_{self._spec.table}"
+        self._pg_conn = psycopg.connect(self._conninfo, autocommit=True)
+        self._pg_conn.execute(self._spec.stage_ddl(stage))
+        self._copy = self._spec.copy_sql(stage)
+        self._upsert = self._spec.upsert_sql(stage)
+        self._types = self._spec.stage_types
+        self._convert = self._spec.converters()
+        self._key_index = [self._spec.record_type._fields.index(k) for k in self._spec.key]
+
+    def process(self, element):
+        # The base returns None between batches, which Beam warns about.
+        return super().process(element) or ()
+
+    def finish_bundle(self):
+        return super().finish_bundle() or ()
+
+    def _execute_batch(self, batch: list) -> Optional[tuple[Any, psycopg.Error]]:
+        rows = self._rows(batch)
+        try:
+            changed = self._write(rows)
+        except psycopg.Error as error:
+            if self._pg_conn.closed:
+                self.setup()
+            if self._retry_strategy.should_retry(batch[0], error):
+                return batch[0], error
+            return self._find_rejected(batch, error)
+        self._written.inc(len(batch))
+        self._changed.inc(changed)
+        return None
+
+    def _rows(self, batch: list) -> list[list[Any]]:
+        """Rows ready for COPY; within a batch the last record of a key wins."""
+        rows = []
+        for record in batch:
+            row = list(record)
+            for index, convert in self._convert:
+                if row[index] is not None:
+                    row[index] = convert(row[index])
+            rows.append(row)
+        if self._key_index:
+            key = operator.itemgetter(*self._key_index)
+            rows = list({key(row): row for row in rows}.values())
+        return rows
+
+    def _write(self, rows: list[list[Any]]) -> int:
+        with self._pg_conn.transaction():
+            with self._pg_conn.cursor() as cur:
+                with cur.copy(self._copy) as copy:
+                    copy.set_types(self._types)
+                    for row in rows:
+                        copy.write_row(row)
+                cur.execute(self._upsert)
+                return max(cur.rowcount, 0)
+
+    def _find_rejected(self, batch: list, error: psycopg.Error) -> tuple[Any, psycopg.Error]:
+        """Bisect a rejected batch down to one row the database refuses, and its error."""
+        while len(batch) > 1:
+            half = batch[: len(batch) // 2]
+            try:
+                with self._pg_conn.transaction():
+                    self._write(self._rows(half))
+                    raise _Rollback
+            except _Rollback:
+                batch = batch[len(batch) // 2 :]
+            except psycopg.Error as half_error:
+                batch, error = half, half_error
+        try:
+            with self._pg_conn.transaction():
+                self._write(self._rows(batch))
+                raise _Rollback
+        except _Rollback:
+            pass
+        except psycopg.Error as row_error:
+            error = row_error
+        return batch[0], error
+
+
+class _Rollback(Exception):
+    """Raised inside a trial transaction so that it always rolls back."""
+
+
+def _sink_dead_letter(pipeline_name: str, table: str):
+    def to_dead_letter(failed: tuple[Any, Exception]) -> DeadLetter:
+        record, error = failed
+        raw = orjson.dumps(record._asdict(), default=str).decode()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return DeadLetter(
+            pipeline_name,
+            SINK_STAGE,
+            getattr(record, "source", None),
+            getattr(record, "line", None),
+            raw,
+            f"{table} rejected the row: {message}",
+        )
+
+    return to_dead_letter
+
+
+class UpsertToPostgres(beam.PTransform):
+    """Upsert canonical records into their table in bulk; rejected rows -> DeadLetter.
+
+    Idempotent: re-running the same input leaves the same rows and changes none.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        spec: TableSpec,
+        pipeline_name: str = "",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        super().__init__()
+        self._dsn = dsn
+        self._spec = spec
+        self._pipeline_name = pipeline_name or spec.table
+        self._batch_size = batch_size
+
+    def expand(self, records):
+        return (
+            records
+            | "CopyAndUpsert" >> beam.ParDo(CopyUpsertFn(self._dsn, self._spec, self._batch_size))
+            | "RejectedRows"
+            >> beam.Map(_sink_dead_letter(self._pipeline_name, self._spec.table)).with_output_types(
+                DeadLetter
+            )
+        )
+
+
+def _sanitise_dead_letter(letter: DeadLetter) -> DeadLetter:
+    """Postgres text cannot hold NUL; keep the raw line readable instead of losing it."""
+    raw = letter.raw
+    if raw is not None and "\x00" in raw:
+        raw = raw.replace("\x00", "\\u0000")
+    error = letter.error.replace("\x00", "\\u0000")
+    return letter._replace(raw=raw, error=error)
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Append dead letters to ``dead_letters``, stamped with the run id.
+
+    A dead letter the database refuses fails the run: nothing is dropped silently.
+    """
+
+    def __init__(self, dsn: str, run_id: Optional[str], batch_size: int = DEFAULT_BATCH_SIZE):
+        super().__init__()
+        self._dsn = dsn
+        self._spec = dead_letter_table(run_id)
+        self._batch_size = batch_size
+
+    def expand(self, dead_letters):
+        return (
+            dead_letters
+            | "Sanitise" >> beam.Map(_sanitise_dead_letter).with_output_types(DeadLetter)
+            | "CopyDeadLetters"
+            >> beam.ParDo(CopyUpsertFn(self._dsn, self._spec, self._batch_size))
+            | "FailOnRejected" >> beam.Map(_refuse_to_drop)
+        )
+
+
+def _refuse_to_drop(failed: tuple[Any, Exception]) -> None:
+    record, error = failed
+    raise RuntimeError(f"the datalake refused a dead letter ({error}): {record!r}")

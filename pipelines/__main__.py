@@ -1,0 +1,104 @@
+"""``python -m pipelines``: run pipelines, inspect the datalake, generate datasets.
+
+Any flag a subcommand does not know is passed on to Beam as a pipeline option, so
+the runner is chosen on the command line (``--runner``, ``--direct_num_workers``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from pipelines import registry
+from pipelines.registry import UsageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines",
+        description="TermiDator: Amazon review datasets -> Postgres datalake, with Beam.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log Beam's own INFO lines")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline (no name: ingest the bundled samples)",
+        description="Run a pipeline. Unknown flags are Beam pipeline options.",
+    )
+    run.add_argument("pipeline", nargs="?", help="one of: " + ", ".join(registry.names()))
+
+    commands.add_parser("list", help="list the pipelines")
+
+    db = commands.add_parser("db", help="the datalake: url, status, stop")
+    db.add_argument("action", choices=["url", "status", "stop"])
+    db.add_argument("--dsn", default=None, help="default $TERMIDATOR_DSN, else embedded")
+
+    for name, (help_text, add_arguments, _) in registry.TOOLS.items():
+        add_arguments(commands.add_parser(name, help=help_text))
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    args, extra = _parser().parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("pipelines").setLevel(logging.INFO)
+    try:
+        return _dispatch(args, extra)
+    except registry.EXPECTED_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "run":
+        return _run(args.pipeline, extra)
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)} (see --help)")
+    if args.command == "list":
+        for name, module in registry.PIPELINES.items():
+            print(f"{name:<10} {module().DESCRIPTION}")
+        return 0
+    if args.command == "db":
+        return registry.db_command(args.action, args.dsn)
+    _, _, command_main = registry.TOOLS[args.command]
+    return command_main(args)
+
+
+def _run(pipeline: Optional[str], argv: list[str]) -> int:
+    if pipeline is None:
+        if any(a == "--input" or a.startswith("--input=") for a in argv):
+            raise UsageError("name the pipeline: `run reviews --input ...` or `run products ...`")
+        summaries = registry.run_samples(argv)
+    else:
+        if pipeline not in registry.PIPELINES:
+            raise UsageError(
+                f"unknown pipeline {pipeline!r}; choose one of: "
+                f"{', '.join(registry.names())} (`python -m pipelines list`)"
+            )
+        module = registry.PIPELINES[pipeline]()
+        if pipeline in registry.NEEDS_INPUT and not any(
+            a == "--input" or a.startswith("--input=") for a in argv
+        ):
+            raise UsageError(f"`run {pipeline}` needs --input PATH_OR_GLOB")
+        summaries = [module.run(registry.with_default_runner(argv))]
+    for summary in summaries:
+        print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

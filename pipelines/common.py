@@ -1,0 +1,175 @@
+"""What every pipeline shares: the run lifecycle, the summary, and the ingest graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from typing import Callable, Mapping, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
+
+from connectors import postgres
+from connectors.files import ReadDataset
+from connectors.postgres import TableSpec, UpsertToPostgres, WriteDeadLetters
+from pipelines.options import DatalakeOptions
+from transforms.clean import CleanProducts, CleanReviews
+from transforms.parse import METRICS_NAMESPACE, ParseRecords
+from transforms.records import PRODUCT, REVIEW
+
+_LOG = logging.getLogger(__name__)
+
+# One builder per pipeline: (pipeline, options, dsn, run_id) -> None.
+Builder = Callable[[beam.Pipeline, PipelineOptions, str, str], None]
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """How a run went: the counters Beam reported, and which runner really ran."""
+
+    pipeline: str
+    run_id: str
+    runner: str
+    state: str
+    counters: Mapping[str, int]
+    elapsed_s: float
+    table: Optional[str] = None
+
+    @property
+    def records(self) -> int:
+        """Records that entered the pipeline: lines read plus lines that could not be."""
+        return self.counters.get("records_read", 0) + self.counters.get("read_dead_letters", 0)
+
+    @property
+    def upserted(self) -> int:
+        return self.counters.get(f"{self.table}_upserted", 0) if self.table else 0
+
+    @property
+    def changed(self) -> int:
+        return self.counters.get(f"{self.table}_changed", 0) if self.table else 0
+
+    @property
+    def dead_letters(self) -> int:
+        return self.counters.get("dead_letters_upserted", 0)
+
+    def format(self) -> str:
+        """A few lines for the terminal: counts, speed, runner, and where to look."""
+        rate = self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        lines = [
+            f"{self.pipeline}: {self.state} in {self.elapsed_s:.1f} s on {self.runner}",
+            f"  records read  {self.records:>12,}   ({rate:,.0f} records/s)",
+            f"  upserted      {self.upserted:>12,}   into {self.table} "
+            f"({self.changed:,} rows inserted or changed)",
+            f"  dead letters  {self.dead_letters:>12,}",
+        ]
+        if self.dead_letters:
+            lines.append(f"  see: SELECT * FROM dead_letters WHERE run_id = '{self.run_id}'")
+        return "\n".join(lines)
+
+
+def collect_counters(result) -> dict[str, int]:
+    """TermiDator's Beam counters, summed over steps (committed where the runner has it)."""
+    counters: dict[str, int] = {}
+    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    for counter in query["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # noqa: BLE001 - some runners only have attempted values
+            value = None
+        if value is None:
+            value = counter.attempted or 0
+        name = counter.key.metric.name
+        counters[name] = counters.get(name, 0) + int(value)
+    return counters
+
+
+def runner_that_ran(result, options: PipelineOptions) -> str:
+    """Name the runner that really ran: the DirectRunner may have used Prism or the FnApiRunner."""
+    requested = options.view_as(StandardOptions).runner or "DirectRunner"
+    if not isinstance(requested, str):
+        requested = type(requested).__name__
+    module = type(result).__module__
+    if "fn_api_runner" in module:
+        direct = options.view_as(DirectOptions)
+        mode = direct.direct_running_mode or "in_memory"
+        workers = direct.direct_num_workers
+        detail = mode if mode == "in_memory" else f"{mode}, {workers or 'all'} workers"
+        via = "" if requested.lower().startswith("fnapi") else f"{requested} -> "
+        return f"{via}FnApiRunner ({detail})"
+    if module.endswith("portable_runner") and requested.lower() in ("directrunner", "direct"):
+        return "DirectRunner -> PrismRunner"
+    if module.endswith("direct_runner"):
+        return f"{requested} -> BundleBasedDirectRunner"
+    return requested
+
+
+def execute(
+    name: str,
+    build: Builder,
+    argv: Optional[Sequence[str]] = None,
+    test_pipeline: Optional[beam.Pipeline] = None,
+    table: Optional[str] = None,
+) -> RunSummary:
+    """Build and run one pipeline against the datalake, recording it in ``pipeline_runs``.
+
+    Bad input (no file, no database) raises before the run starts; a failed run is
+    recorded as FAILED and re-raised.
+    """
+    options = PipelineOptions(list(argv or []))
+    dsn = postgres.resolve_dsn(options.view_as(DatalakeOptions).dsn)
+    postgres.migrate(dsn)
+    pipeline = test_pipeline or beam.Pipeline(options=options)
+    run_id = str(uuid.uuid4())
+    build(pipeline, options, dsn, run_id)
+    recorded = {k: v for k, v in options.get_all_options(drop_default=True).items() if k != "dsn"}
+    postgres.start_run(dsn, name, recorded, run_id=run_id)
+    started = time.monotonic()
+    runner, counters, state = "unknown", {}, "FAILED"
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        state = str(result.state).replace("PipelineState.", "")
+        runner = runner_that_ran(result, pipeline.options)
+        _LOG.info("%s ran on %s", name, runner)
+        counters = collect_counters(result)
+        if result.state != PipelineState.DONE:
+            raise RuntimeError(f"{name} ended {state} on {runner}")
+    finally:
+        elapsed = time.monotonic() - started
+        counters = dict(counters, elapsed_ms=int(elapsed * 1000))
+        postgres.finish_run(dsn, run_id, state, runner, counters)
+    return RunSummary(name, run_id, runner, state, counters, elapsed, table)
+
+
+_CLEANERS = {REVIEW: CleanReviews, PRODUCT: CleanProducts}
+
+
+def ingest(
+    pipeline: beam.Pipeline,
+    kind: str,
+    inputs: Sequence[str],
+    dsn: str,
+    run_id: str,
+    spec: TableSpec,
+    batch_size: int,
+):
+    """Files -> parse -> clean -> upsert, every stage's dead letters to ``dead_letters``.
+
+    Returns the cleaned records, for pipelines that do more with them (emotions).
+    """
+    name = spec.table
+    title = kind.capitalize() + "s"
+    lines = pipeline | f"Read{title}" >> ReadDataset(inputs, name)
+    parsed = lines.records | f"Parse{title}" >> ParseRecords(kind, name)
+    cleaned = parsed.records | f"Clean{title}" >> _CLEANERS[kind](name)
+    rejected = cleaned.records | f"Upsert{title}" >> UpsertToPostgres(dsn, spec, name, batch_size)
+    (
+        (lines.dead_letters, parsed.dead_letters, cleaned.dead_letters, rejected)
+        | "CollectDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetters(dsn, run_id, batch_size)
+    )
+    return cleaned.records

@@ -1,0 +1,36 @@
+"""The ``products`` pipeline: product metadata of any generation -> ``products`` table."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from connectors.postgres import PRODUCTS
+from pipelines.common import RunSummary, execute, ingest
+from pipelines.options import DatalakeOptions, IngestOptions
+from transforms.records import PRODUCT
+
+NAME = "products"
+DESCRIPTION = "product metadata files (2014/2018/2023) -> products"
+
+
+def build(pipeline: beam.Pipeline, options: PipelineOptions, dsn: str, run_id: str):
+    """Read, parse, clean and upsert products; returns the cleaned Product PCollection."""
+    return ingest(
+        pipeline,
+        PRODUCT,
+        options.view_as(IngestOptions).input or [],
+        dsn,
+        run_id,
+        PRODUCTS,
+        options.view_as(DatalakeOptions).batch_size,
+    )
+
+
+def run(
+    argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+) -> RunSummary:
+    """Run the pipeline (``python -m pipelines run products --input FILE ...``)."""
+    return execute(NAME, build, argv, test_pipeline, table=PRODUCTS.table)

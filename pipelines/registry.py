@@ -1,0 +1,110 @@
+"""What the CLI can run: pipelines by name, tools, the bundled samples, ``db`` actions."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from importlib import resources
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Mapping, Optional, Sequence
+
+from connectors import postgres
+from connectors.files import NoInputError
+from connectors.postgres import DatalakeUnavailable
+
+
+def _lazy(module: str) -> Callable[[], ModuleType]:
+    """Import pipeline modules only when used, so ``--help`` stays fast."""
+    return lambda: importlib.import_module(module)
+
+
+PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
+    "reviews": _lazy("pipelines.reviews"),
+    "products": _lazy("pipelines.products"),
+}
+NEEDS_INPUT = {"reviews", "products"}
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    importlib.import_module("pipelines.generate").add_arguments(parser)
+
+
+def _generate_main(args: argparse.Namespace) -> int:
+    return importlib.import_module("pipelines.generate").main(args)
+
+
+# Subcommands that are not pipelines: name -> (help, add_arguments, main).
+TOOLS: dict[str, tuple[str, Callable, Callable]] = {
+    "generate": (
+        "write synthetic dataset files in the real formats",
+        _generate_arguments,
+        _generate_main,
+    ),
+}
+
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line naming the fix, exit code 2."""
+
+
+EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable)
+
+# Measured in bench/ingest.py: see README "Runners". In-process FnApiRunner, no Prism attempt.
+DEFAULT_BEAM_ARGS = ("--runner", "DirectRunner")
+
+
+def names() -> list[str]:
+    """Pipeline names, in the order ``list`` shows them."""
+    return list(PIPELINES)
+
+
+def with_default_runner(argv: Sequence[str]) -> list[str]:
+    """Add the measured default runner flags unless the user chose a runner."""
+    argv = list(argv)
+    if any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        return argv
+    return list(DEFAULT_BEAM_ARGS) + argv
+
+
+def sample_files() -> dict[str, list[str]]:
+    """The bundled sample files, by pipeline: ``meta_*`` files are product metadata."""
+    folder = Path(str(resources.files("pipelines").joinpath("samples")))
+    files = sorted(
+        str(p) for p in folder.iterdir() if p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
+    )
+    return {
+        "products": [f for f in files if Path(f).name.startswith("meta_")],
+        "reviews": [f for f in files if not Path(f).name.startswith("meta_")],
+    }
+
+
+def run_samples(argv: Sequence[str]) -> list:
+    """Ingest the bundled samples (all three generations): products, then reviews."""
+    summaries = []
+    for name, files in sample_files().items():
+        inputs = [arg for f in files for arg in ("--input", f)]
+        summaries.append(PIPELINES[name]().run(with_default_runner(list(argv) + inputs)))
+    return summaries
+
+
+def db_command(action: str, dsn: Optional[str]) -> int:
+    """``db url`` prints the DSN (starting the embedded server); ``status`` the tables."""
+    if action == "stop":
+        postgres.stop_embedded()
+        print("embedded datalake stopped")
+        return 0
+    resolved = postgres.resolve_dsn(dsn)
+    if action == "url":
+        print(resolved)
+        return 0
+    applied = postgres.migrate(resolved)
+    counts = postgres.table_counts(resolved, postgres.DATALAKE_TABLES)
+    print(f"datalake: {postgres.redact(resolved)}")
+    if applied:
+        print(f"migrations applied now: {', '.join(applied)}")
+    print(f"schema: {', '.join(name for _, name, _ in postgres.migrations())}")
+    for table, count in counts.items():
+        print(f"  {table:<16} {count:>12,} rows")
+    return 0

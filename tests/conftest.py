@@ -1,0 +1,49 @@
+"""Shared fixtures: a real embedded Postgres for the session, a fresh database per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Before any project import: every test session gets its own TERMIDATOR_HOME.
+_HOME = Path(tempfile.mkdtemp(prefix="termidator-test-"))
+os.environ["TERMIDATOR_HOME"] = str(_HOME)
+os.environ.pop("TERMIDATOR_DSN", None)
+
+import psycopg  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
+
+from connectors import postgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server_dsn():
+    """The embedded server, started once for the session and stopped after it."""
+    dsn = postgres.embedded_dsn()
+    yield dsn
+    postgres.stop_embedded()
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def datalake(server_dsn):
+    """A fresh, migrated database on the embedded server; its DSN."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(**{**conninfo_to_dict(server_dsn), "dbname": name})
+    postgres.migrate(dsn)
+    yield dsn
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def query(dsn: str, statement: str, params=None) -> list[tuple]:
+    """Rows of one query (tests read the datalake through plain SQL)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(statement, params).fetchall()

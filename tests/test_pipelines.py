@@ -1,0 +1,267 @@
+"""End to end: real files through real Beam pipelines into the embedded Postgres."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from conftest import query
+from connectors.postgres import REVIEWS, UpsertToPostgres
+from pipelines import generate, products, reviews
+from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
+from transforms.clean import clean_review
+from transforms.parse import decode, detect
+from transforms.records import ParsedRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_lines(path: Path, lines: list[str]) -> str:
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return str(path)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """One review file and one metadata file per generation, gzipped and not."""
+    files = {
+        "reviews_Music_5.json.gz": [REVIEW_2014],
+        "All_Beauty_5.json": [REVIEW_2018],
+        "All_Beauty.jsonl": [REVIEW_2023],
+        "meta_Music.json.gz": [META_2014],
+        "meta_Gift_Cards.json": [META_2018],
+        "meta_All_Beauty.jsonl.gz": [META_2023],
+    }
+    for name, lines in files.items():
+        write_lines(tmp_path / name, lines)
+    return tmp_path
+
+
+def snapshot(dsn: str, table: str) -> list[tuple]:
+    return query(dsn, f"SELECT * FROM {table} ORDER BY 1")
+
+
+def test_every_generation_lands_with_the_right_values(datalake, dataset):
+    summary = reviews.run(
+        [
+            "--dsn",
+            datalake,
+            "--input",
+            str(dataset / "*_5.json*"),
+            "--input",
+            str(dataset / "All_Beauty.jsonl"),
+        ],
+        test_pipeline=TestPipeline(),
+    )
+    assert (summary.records, summary.upserted, summary.dead_letters) == (3, 3, 0)
+    rows = query(
+        datalake,
+        "SELECT source_format, reviewer_id, asin, rating, helpful_votes, total_votes, verified,"
+        " reviewed_at::text, style, line FROM reviews ORDER BY source_format",
+    )
+    assert rows == [
+        (2014, "A2SUAM1J3GNN3B", "0000013714", 5.0, 2, 3, None, "2009-09-13 00:00:00+00", None, 1),
+        (
+            2018,
+            "AUI6WTTT0QZYS",
+            "5120053084",
+            5.0,
+            1341,
+            None,
+            True,
+            "2011-07-09 00:00:00+00",
+            {"Size": "Big Boys", "Color": "Blue/Orange"},
+            1,
+        ),
+        (
+            2023,
+            "AGKHLEW2SOWHNMFQIJGBECAF7INQ",
+            "B00YQ6X8EO",
+            5.0,
+            0,
+            None,
+            True,
+            "2020-05-05 14:08:48.923+00",
+            None,
+            1,
+        ),
+    ]
+
+    summary = products.run(["--dsn", datalake, "--input", str(dataset / "meta_*")])
+    assert (summary.records, summary.upserted, summary.dead_letters) == (3, 3, 0)
+    rows = query(
+        datalake,
+        "SELECT asin, title, price::float, sales_rank, main_category, brand, source_format"
+        " FROM products ORDER BY source_format",
+    )
+    assert rows == [
+        ("0000031852", "Don't Drink His Blood", 3.17, {"Music": 505556}, "CDs & Vinyl", None, 2014),
+        (
+            "B001GXRQW0",
+            "Maggiano's Gift Card",
+            29.99,
+            {"Gift Cards": 1786},
+            "Gift Cards",
+            None,
+            2018,
+        ),
+        (
+            "B01CUPMQZE",
+            "Howard LC0008 Leather Conditioner",
+            None,
+            None,
+            "All Beauty",
+            "Howard Products",
+            2023,
+        ),
+    ]
+
+
+def test_second_run_changes_nothing(datalake, dataset):
+    argv = ["--dsn", datalake, "--input", str(dataset / "meta_*")]
+    first = products.run(argv)
+    before = snapshot(datalake, "products")
+    second = products.run(argv)
+    assert first.changed == 3 and second.changed == 0 and second.upserted == 3
+    assert snapshot(datalake, "products") == before
+
+
+def test_bad_lines_become_dead_letters_with_line_numbers_and_counts_agree(datalake, tmp_path):
+    lines = [
+        REVIEW_2014,
+        "",
+        REVIEW_2018[:70],  # cut in half
+        REVIEW_2014,  # exact duplicate: collapses to one row
+        META_2018,  # metadata in a review file
+        json.dumps({**json.loads(REVIEW_2023), "rating": None}),
+        "not a record at all",
+        REVIEW_2023,
+    ]
+    path = write_lines(tmp_path / "mixed.jsonl", lines)
+    summary = reviews.run(["--dsn", datalake, "--input", path])
+
+    dead = query(
+        datalake, "SELECT stage, line, source, raw, run_id::text FROM dead_letters ORDER BY line"
+    )
+    assert [(stage, line) for stage, line, *_ in dead] == [
+        ("parse", 3),
+        ("parse", 5),
+        ("clean", 6),
+        ("parse", 7),
+    ]
+    assert all(source == path and run_id == summary.run_id for *_, source, raw, run_id in dead)
+    assert [raw for _, _, _, raw, _ in dead] == [lines[2], lines[4], lines[5], lines[6]]
+    errors = query(datalake, "SELECT error FROM dead_letters ORDER BY line")
+    assert "ingest it with `run products`" in errors[1][0]
+    assert "rating must be a number from 1 to 5" in errors[2][0]
+
+    # Nothing lost: every record is upserted or a dead letter; one row per distinct key.
+    assert summary.records == 7
+    assert (summary.upserted, summary.dead_letters) == (3, 4)
+    assert summary.records == summary.upserted + summary.dead_letters
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(2,)]
+    ((state, runner, counters),) = query(
+        datalake,
+        "SELECT state, runner, counters FROM pipeline_runs WHERE run_id = %s",
+        (summary.run_id,),
+    )
+    assert state == "DONE" and "FnApiRunner" in runner
+    assert counters["reviews_upserted"] == 3 and counters["dead_letters_upserted"] == 4
+    assert counters["records_read"] == 7
+
+
+def test_rows_the_database_rejects_become_dead_letters_and_the_rest_land(datalake):
+    good = [
+        clean_review(
+            ParsedRecord(
+                "f", i, "review", 2014, {**json.loads(REVIEW_2014), "asin": f"A{i:09d}"}, ""
+            )
+        )
+        for i in range(5)
+    ]
+    bad = good[2]._replace(rating=9.0, review_id="bad")  # violates the CHECK constraint
+    with TestPipeline() as p:
+        rejected = (
+            p
+            | beam.Create(good + [bad])
+            | UpsertToPostgres(datalake, REVIEWS, "reviews", batch_size=100)
+        )
+        assert_that(
+            rejected
+            | beam.Map(lambda d: (d.stage, d.source, d.line, "reviews_rating_check" in d.error)),
+            equal_to([("sink", "f", 2, True)]),
+        )
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(5,)]
+
+
+@pytest.mark.parametrize("fmt", [2014, 2018, 2023])
+def test_generated_datasets_land_one_row_per_distinct_key(datalake, tmp_path, fmt):
+    path = tmp_path / f"reviews_{fmt}.jsonl.gz"
+    generate.write_dataset("reviews", fmt, 3000, str(path), seed=fmt)
+    keys = set()
+    with gzip.open(path, "rt") as lines:
+        for number, line in enumerate(lines, 1):
+            fields = decode(line)
+            review = clean_review(ParsedRecord(str(path), number, *detect(fields), fields, line))
+            keys.add(review.review_id)
+    summary = reviews.run(["--dsn", datalake, "--input", str(path)])
+    assert summary.records == 3000 and summary.dead_letters == 0
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(len(keys),)]
+
+
+# --- the command line -------------------------------------------------------------
+
+
+def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "nope"], "unknown pipeline 'nope'"),
+        (["run", "reviews", "--input", "/nonexistent/*.json.gz"], "no file matches"),
+        (["run", "reviews"], "needs --input"),
+        (
+            ["run", "reviews", "--input", "setup.py", "--dsn", "postgresql://nobody@127.0.0.1:1/x"],
+            "cannot connect to Postgres",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2_no_traceback(args, message):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_cli_run_prints_the_summary_and_db_commands_work(datalake, dataset):
+    result = cli("run", "reviews", "--input", str(dataset / "All_Beauty*"), "--dsn", datalake)
+    assert result.returncode == 0, result.stderr
+    assert "records read             2" in result.stdout
+    assert "FnApiRunner" in result.stdout
+    status = cli("db", "status", "--dsn", datalake)
+    assert status.returncode == 0 and "reviews                     2 rows" in status.stdout
+    url = cli("db", "url", env_extra={"TERMIDATOR_DSN": datalake})
+    assert url.stdout.strip() == datalake
+    listing = cli("list")
+    assert listing.returncode == 0 and listing.stdout.splitlines()[0].startswith("reviews")

@@ -1,0 +1,531 @@
+"""Clean: one canonical ``Review`` / ``Product`` per parsed record, whatever its generation.
+
+The rules follow FORMATS.md quirk by quirk: entities unescaped, markup stripped,
+control characters removed, numbers-as-strings read, missing values null (never
+the string "None"), times to UTC, category paths flattened and de-duplicated.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import html
+import re
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import apache_beam as beam
+import orjson
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from apache_beam.utils.timestamp import Timestamp
+
+from transforms.parse import DEAD_LETTERS, METRICS_NAMESPACE
+from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, Product, Review
+
+CLEAN_STAGE = "clean"
+
+_NEEDS_WORK = re.compile(r"[&<\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LINE_BREAK_TAG = re.compile(r"<\s*(?:br|/p|/div|/li)\b[^>]*>", re.IGNORECASE)
+# A tag, or a tag cut off by the scraper (no closing '>'), e.g. '<span class="a-size'.
+_TAG = re.compile(r"<[A-Za-z/!][^<>]*(?:>|$)")
+_IMG_ALT = re.compile(r"<img\b[^>]*\balt=\"([^\"]*)\"", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+_BLANK_RUNS = re.compile(r"[ \t]+")
+_COUNT = re.compile(r"^\d{1,3}(?:,\d{3})+$|^\d+$")
+_PRICE = re.compile(r"^\$?\s*(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?$")
+_RANK = re.compile(r"#?\s*(\d[\d,]*)\s+in\s+([^(]+?)\s*(?:\(|$)")
+_REVIEW_DATE = re.compile(r"^(\d{1,2}) (\d{1,2}), (\d{4})$")
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+class CleanError(ValueError):
+    """A record that cannot become a canonical row; the message names the field."""
+
+
+# --- field cleaners (pure functions, one per quirk family) -------------------------
+
+
+def clean_text(value: Any, collapse: bool = False) -> Optional[str]:
+    """Unescape entities, strip markup and control characters, trim; empty -> None.
+
+    ``collapse`` folds every whitespace run to one space (names, titles, labels);
+    long text keeps its line breaks.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        if isinstance(value, (list, tuple, dict)):
+            raise CleanError(f"expected text, got {type(value).__name__}")
+        value = str(value)
+    if _NEEDS_WORK.search(value):
+        if "&" in value:
+            value = html.unescape(value)
+        if "<" in value:
+            value = _LINE_BREAK_TAG.sub("\n", value)
+            value = _TAG.sub(" ", value)
+        value = _CONTROL.sub("", value)
+    if collapse:
+        value = _SPACES.sub(" ", value)
+    elif "  " in value or "\t" in value:
+        value = _BLANK_RUNS.sub(" ", value)
+    value = value.strip()
+    return value or None
+
+
+def clean_label(value: Any) -> Optional[str]:
+    """Short one-line text: a title, name, brand, category or key."""
+    return clean_text(value, collapse=True)
+
+
+def clean_labels(values: Any) -> list[str]:
+    """A list of short texts, cleaned, empties dropped, de-duplicated in order."""
+    if values is None or values == "":
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return _unique(clean_label(v) for v in values)
+
+
+def _unique(values: Iterable[Optional[str]]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))
+
+
+def parse_count(value: Any) -> Optional[int]:
+    """A vote or rating count: 3, "3", "1,341" -> int; "" or None -> None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise CleanError(f"not a count: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _COUNT.match(value.strip()):
+        return int(value.strip().replace(",", ""))
+    raise CleanError(f"not a count: {value!r}")
+
+
+def parse_price(value: Any) -> Optional[float]:
+    """USD price: 12.5, "$1,250.00" -> float; "", CSS, scripts, ranges -> None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    match = _PRICE.match(value.strip())
+    if not match:
+        return None
+    return float(match.group(1).replace(",", "") + (match.group(2) or ""))
+
+
+def parse_float(value: Any) -> Optional[float]:
+    """A plain number, possibly written as a string; garbage -> None."""
+    if value is None or value == "" or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_rating(value: Any) -> float:
+    """A star rating 1–5; anything else is an error, since a review needs one."""
+    rating = parse_float(value)
+    if rating is None or not 1.0 <= rating <= 5.0:
+        raise CleanError(f"rating must be a number from 1 to 5, got {value!r}")
+    return rating
+
+
+def parse_bool(value: Any) -> Optional[bool]:
+    """JSON booleans, and the strings a hand-edited copy might hold."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise CleanError(f"not a boolean: {value!r}")
+
+
+def review_time(seconds: Any = None, date_text: Any = None, millis: Any = None) -> Timestamp:
+    """Review time as a UTC Timestamp: epoch seconds, epoch millis, or "MM D, YYYY"."""
+    for value, scale in ((millis, 1000), (seconds, 1)):
+        number = parse_float(value)
+        if number is not None and number > 0:
+            if scale == 1000 and number < 1e11:  # a 2023 copy written in seconds
+                scale = 1
+            return Timestamp(micros=int(round(number * 1_000_000 / scale)))
+    if isinstance(date_text, str):
+        match = _REVIEW_DATE.match(date_text.strip())
+        if match:
+            month, day, year = (int(g) for g in match.groups())
+            try:
+                when = datetime.datetime(year, month, day, tzinfo=datetime.timezone.utc)
+            except ValueError as error:
+                raise CleanError(f"bad reviewTime {date_text!r}: {error}") from None
+            return Timestamp.from_utc_datetime(when)
+    raise CleanError(
+        f"no review time: unixReviewTime/timestamp {seconds or millis!r}, "
+        f"reviewTime {date_text!r}"
+    )
+
+
+def review_id(reviewer_id: str, asin: str, reviewed_at: Timestamp) -> str:
+    """Stable key for (reviewer, product, time), so duplicate records collapse."""
+    key = f"{reviewer_id}\x1f{asin}\x1f{reviewed_at.micros}".encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+def required_id(fields: Mapping[str, Any], *names: str) -> str:
+    """An identifier that must be present (reviewer, asin): first non-empty of names."""
+    for name in names:
+        value = clean_label(fields.get(name))
+        if value:
+            return value
+    raise CleanError(f"missing {' / '.join(names)}")
+
+
+def clean_style(style: Any) -> Optional[dict[str, str]]:
+    """2018 style: keys lose their trailing colon, values their leading space."""
+    if not style:
+        return None
+    if not isinstance(style, dict):
+        raise CleanError(f"style is not an object: {style!r}")
+    cleaned = {}
+    for key, value in style.items():
+        key = clean_label(str(key).rstrip().rstrip(":"))
+        value = clean_label(value)
+        if key and value:
+            cleaned[key] = value
+    return cleaned or None
+
+
+def clean_details(details: Any, extra: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """Product details as JSON text: keys trimmed of scraping whitespace and colons."""
+    merged: dict[str, Any] = {}
+    if isinstance(details, str):  # the HF loader stores details as a JSON string
+        try:
+            details = orjson.loads(details)
+        except orjson.JSONDecodeError:
+            details = {"details": details}
+    if isinstance(details, dict):
+        for key, value in details.items():
+            key = clean_label(str(key).strip().rstrip(":"))
+            value = _clean_json_value(value)
+            if key and value not in (None, "", [], {}):
+                merged[key] = value
+    for key, value in (extra or {}).items():
+        value = _clean_json_value(value)
+        if value not in (None, "", [], {}):
+            merged[key] = value
+    return orjson.dumps(merged).decode() if merged else None
+
+
+def _clean_json_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_label(value)
+    if isinstance(value, dict):
+        return {clean_label(str(k)) or str(k): _clean_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean_json_value(v) for v in value]
+    return value
+
+
+def parse_sales_rank(rank: Any) -> Optional[dict[str, int]]:
+    """Sales rank as {category: rank} from 2014 dicts, 2018 strings or lists, 2023 details."""
+    if not rank:
+        return None
+    ranks: dict[str, int] = {}
+    if isinstance(rank, dict):
+        for category, value in rank.items():
+            count = _lenient_count(value)
+            name = clean_label(category)
+            if name and count is not None:
+                ranks[name] = count
+    else:
+        for text in [rank] if isinstance(rank, str) else rank:
+            if not isinstance(text, str):
+                continue
+            match = _RANK.search(clean_label(text) or "")
+            if match:
+                name = clean_label(match.group(2))
+                if name:
+                    ranks.setdefault(name, int(match.group(1).replace(",", "")))
+    return ranks or None
+
+
+def _lenient_count(value: Any) -> Optional[int]:
+    try:
+        return parse_count(value)
+    except CleanError:
+        return None
+
+
+def clean_main_category(value: Any) -> Optional[str]:
+    """2018 main_cat can be a raw <img> tag: keep its alt text, else the cleaned label."""
+    if isinstance(value, str) and "<img" in value:
+        match = _IMG_ALT.search(value)
+        return clean_label(match.group(1)) if match else None
+    return clean_label(value)
+
+
+def flatten_categories(categories: Any) -> list[str]:
+    """Category paths (2014: list of lists; 2018/2023: list) flattened, de-duplicated."""
+    if not categories:
+        return []
+    flat: list[Any] = []
+    for item in categories:
+        if isinstance(item, (list, tuple)):
+            flat.extend(item)
+        else:
+            flat.append(item)
+    return clean_labels(flat)
+
+
+def join_paragraphs(value: Any) -> Optional[str]:
+    """Description: 2014 one string, 2018/2023 a list of paragraphs -> one text."""
+    if isinstance(value, (list, tuple)):
+        parts = [clean_text(v) for v in value if isinstance(v, str)]
+        return "\n".join(p for p in parts if p) or None
+    return clean_text(value)
+
+
+def _urls(values: Any) -> list[str]:
+    if not values:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return list(dict.fromkeys(v.strip() for v in values if isinstance(v, str) and v.strip()))
+
+
+# --- records -----------------------------------------------------------------------
+
+
+def clean_review(record: ParsedRecord) -> Review:
+    """Canonical Review from a parsed review of any generation."""
+    f = record.fields
+    if record.source_format == 2023:
+        reviewer = required_id(f, "user_id")
+        asin = required_id(f, "asin", "parent_asin")
+        parent = clean_label(f.get("parent_asin"))
+        when = review_time(millis=f.get("timestamp") or f.get("sort_timestamp"))
+        helpful = parse_count(f.get("helpful_vote", f.get("helpful_votes")))
+        images = _urls(
+            [
+                i.get("large_image_url") or i.get("medium_image_url") or i.get("small_image_url")
+                for i in f.get("images") or ()
+                if isinstance(i, dict)
+            ]
+        )
+        return Review(
+            review_id(reviewer, asin, when),
+            reviewer,
+            asin,
+            parent,
+            None,
+            parse_rating(f.get("rating")),
+            clean_label(f.get("title")),
+            clean_text(f.get("text")),
+            helpful if helpful is not None else 0,
+            None,
+            parse_bool(f.get("verified_purchase")),
+            when,
+            images,
+            None,
+            2023,
+            record.source,
+            record.line,
+        )
+    reviewer = required_id(f, "reviewerID")
+    asin = required_id(f, "asin")
+    when = review_time(seconds=f.get("unixReviewTime"), date_text=f.get("reviewTime"))
+    if record.source_format == 2014:
+        helpful_votes, total_votes = _helpful_pair(f.get("helpful"))
+        verified, images, style = None, [], None
+    else:
+        votes = parse_count(f.get("vote"))
+        helpful_votes, total_votes = (votes if votes is not None else 0), None
+        verified = parse_bool(f.get("verified"))
+        images, style = _urls(f.get("image")), clean_style(f.get("style"))
+    return Review(
+        review_id(reviewer, asin, when),
+        reviewer,
+        asin,
+        None,
+        clean_label(f.get("reviewerName")),
+        parse_rating(f.get("overall")),
+        clean_label(f.get("summary")),
+        clean_text(f.get("reviewText")),
+        helpful_votes,
+        total_votes,
+        verified,
+        when,
+        images,
+        style,
+        record.source_format,
+        record.source,
+        record.line,
+    )
+
+
+def _helpful_pair(helpful: Any) -> tuple[Optional[int], Optional[int]]:
+    """2014 ``helpful: [helpful_yes, total_votes]``."""
+    if helpful is None:
+        return None, None
+    if not isinstance(helpful, (list, tuple)) or len(helpful) != 2:
+        raise CleanError(f"helpful must be [helpful_votes, total_votes], got {helpful!r}")
+    return parse_count(helpful[0]), parse_count(helpful[1])
+
+
+def clean_product(record: ParsedRecord) -> Product:
+    """Canonical Product from parsed metadata of any generation."""
+    f = record.fields
+    fmt = record.source_format
+    if fmt == 2023:
+        details = f.get("details")
+        rank = details.get("Best Sellers Rank") if isinstance(details, dict) else None
+        extra = {k: f.get(k) for k in ("subtitle", "author", "videos")}
+        return Product(
+            required_id(f, "parent_asin", "asin"),
+            clean_label(f.get("title")),
+            clean_label(f.get("store")),
+            clean_main_category(f.get("main_category")),
+            flatten_categories(f.get("categories")),
+            parse_price(f.get("price")),
+            parse_sales_rank(rank),
+            parse_float(f.get("average_rating")),
+            _lenient_count(f.get("rating_number")),
+            join_paragraphs(f.get("description")),
+            clean_labels(f.get("features")),
+            _urls(
+                [
+                    i.get("hi_res") or i.get("large") or i.get("thumb")
+                    for i in f.get("images") or ()
+                    if isinstance(i, dict)
+                ]
+            ),
+            [],
+            [],
+            _urls(f.get("bought_together")),
+            clean_details(details, extra),
+            fmt,
+            record.source,
+            record.line,
+        )
+    if fmt == 2018:
+        extra = {k: f.get(k) for k in ("date", "tech1", "tech2", "fit", "similar_item")}
+        return Product(
+            required_id(f, "asin"),
+            clean_label(f.get("title")),
+            clean_label(f.get("brand")),
+            clean_main_category(f.get("main_cat")),
+            flatten_categories(f.get("category")),
+            parse_price(f.get("price")),
+            parse_sales_rank(f.get("rank")),
+            None,
+            None,
+            join_paragraphs(f.get("description")),
+            clean_labels(f.get("feature")),
+            _urls(f.get("imageURLHighRes") or f.get("imageURL") or f.get("image")),
+            _urls(f.get("also_buy")),
+            _urls(f.get("also_view")),
+            [],
+            clean_details(f.get("details"), extra),
+            fmt,
+            record.source,
+            record.line,
+        )
+    related = f.get("related") if isinstance(f.get("related"), dict) else {}
+    categories = flatten_categories(f.get("categories"))
+    first_path = (f.get("categories") or [[]])[0]
+    return Product(
+        required_id(f, "asin"),
+        clean_label(f.get("title")),
+        clean_label(f.get("brand")),
+        clean_label(first_path[0]) if isinstance(first_path, list) and first_path else None,
+        categories,
+        parse_price(f.get("price")),
+        parse_sales_rank(f.get("salesRank")),
+        None,
+        None,
+        join_paragraphs(f.get("description")),
+        [],
+        _urls(f.get("imUrl")),
+        _urls(related.get("also_bought")),
+        _urls(related.get("also_viewed")),
+        _urls(related.get("bought_together")),
+        clean_details(None, {"buy_after_viewing": related.get("buy_after_viewing")}),
+        fmt,
+        record.source,
+        record.line,
+    )
+
+
+CLEANERS: Mapping[str, Callable[[ParsedRecord], Any]] = {
+    REVIEW: clean_review,
+    PRODUCT: clean_product,
+}
+
+
+# --- transforms --------------------------------------------------------------------
+
+
+class CleanRecordFn(beam.DoFn):
+    """ParsedRecord -> canonical record; a record that cannot be cleaned is a dead letter."""
+
+    def __init__(self, kind: str, pipeline_name: str):
+        self._kind = kind
+        self._pipeline_name = pipeline_name
+        self._cleaned = Metrics.counter(METRICS_NAMESPACE, f"{kind}s_cleaned")
+        self._rejected = Metrics.counter(METRICS_NAMESPACE, "clean_dead_letters")
+
+    def setup(self):
+        self._clean = CLEANERS[self._kind]
+
+    def process(self, record: ParsedRecord):
+        try:
+            cleaned = self._clean(record)
+        except Exception as error:  # noqa: BLE001 - a bad record never stops the run
+            self._rejected.inc()
+            message = str(error) if isinstance(error, CleanError) else repr(error)
+            yield pvalue.TaggedOutput(
+                DEAD_LETTERS,
+                DeadLetter(
+                    self._pipeline_name,
+                    CLEAN_STAGE,
+                    record.source,
+                    record.line,
+                    record.raw,
+                    f"{record.source_format} {record.kind}: {message}",
+                ),
+            )
+            return
+        self._cleaned.inc()
+        yield cleaned
+
+
+class _CleanRecords(beam.PTransform):
+    """Shared expand for CleanReviews and CleanProducts: ``.records``, ``.dead_letters``."""
+
+    kind = ""
+
+    def __init__(self, pipeline_name: str = ""):
+        super().__init__()
+        self._pipeline_name = pipeline_name or f"{self.kind}s"
+
+    def expand(self, parsed):
+        return parsed | "Canonicalise" >> beam.ParDo(
+            CleanRecordFn(self.kind, self._pipeline_name)
+        ).with_outputs(DEAD_LETTERS, main="records")
+
+
+class CleanReviews(_CleanRecords):
+    """ParsedRecord -> Review (``.records``) and dead letters (``.dead_letters``)."""
+
+    kind = REVIEW
+
+
+class CleanProducts(_CleanRecords):
+    """ParsedRecord -> Product (``.records``) and dead letters (``.dead_letters``)."""
+
+    kind = PRODUCT

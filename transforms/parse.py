@@ -1,0 +1,146 @@
+"""Parse: decode each raw line and detect which kind of record and generation it is.
+
+Lines are strict JSON except 2014 metadata (Python literals, read with
+``ast.literal_eval``, never ``eval``) and a few copies found in the wild (a JSON
+array with a trailing comma per line, Python's ``True`` in JSON-looking lines).
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Optional
+
+import apache_beam as beam
+import orjson
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, RawRecord
+
+DEAD_LETTERS = "dead_letters"
+PARSE_STAGE = "parse"
+METRICS_NAMESPACE = "termidator"
+
+
+class ParseError(ValueError):
+    """A line that is not a record: the message says why, in words a user can act on."""
+
+
+def decode(text: str) -> dict:
+    """Decode one line into a dict: JSON first, then a Python literal (2014 metadata)."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as json_error:
+        value = _decode_unusual(text, json_error)
+    if not isinstance(value, dict):
+        raise ParseError(f"expected one JSON object per line, got {type(value).__name__}")
+    return value
+
+
+def _decode_unusual(text: str, json_error: Exception) -> object:
+    """Decode what strict JSON rejects: Python literals, array-wrapped lines."""
+    stripped = text.strip()
+    if stripped.endswith(","):  # a copy wrapped in a JSON array, one record per line
+        stripped = stripped[:-1].rstrip()
+        try:
+            return orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            pass
+    if stripped.startswith("{") and stripped.endswith("}"):
+        try:
+            return ast.literal_eval(stripped)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            pass
+    if not stripped.endswith("}"):
+        raise ParseError(f"truncated or malformed record (not JSON: {json_error})")
+    raise ParseError(f"neither JSON nor a Python literal ({json_error})")
+
+
+def detect(fields: dict) -> tuple[str, int]:
+    """Return (kind, generation) from the field names, which differ per generation."""
+    if "reviewerID" in fields:
+        return REVIEW, 2014 if "helpful" in fields else 2018
+    if "user_id" in fields or ("rating" in fields and "text" in fields):
+        return REVIEW, 2023
+    if "main_category" in fields or "average_rating" in fields:
+        return PRODUCT, 2023
+    if "main_cat" in fields or "also_buy" in fields or "category" in fields:
+        return PRODUCT, 2018
+    if "related" in fields or "salesRank" in fields or "imUrl" in fields:
+        return PRODUCT, 2014
+    if "categories" in fields and "asin" in fields:
+        categories = fields["categories"]
+        nested = bool(categories) and isinstance(categories[0], (list, tuple))
+        return PRODUCT, 2014 if nested or "parent_asin" not in fields else 2023
+    if "asin" in fields and ("overall" in fields or "reviewText" in fields):
+        return REVIEW, 2018
+    if "asin" in fields and ("title" in fields or "price" in fields):
+        return PRODUCT, 2018
+    raise ParseError(
+        "unrecognised record: none of the review fields (reviewerID, user_id) "
+        "or product fields (asin with categories, main_cat, main_category) of the "
+        "2014, 2018 or 2023 formats"
+    )
+
+
+_PIPELINE_FOR = {REVIEW: "run reviews", PRODUCT: "run products"}
+
+
+class ParseRecordFn(beam.DoFn):
+    """Decode a raw line; wrong-kind and undecodable lines become dead letters."""
+
+    def __init__(self, expected_kind: Optional[str], pipeline_name: str):
+        self._expected_kind = expected_kind
+        self._pipeline_name = pipeline_name
+        self._parsed = Metrics.counter(METRICS_NAMESPACE, "records_parsed")
+        self._rejected = Metrics.counter(METRICS_NAMESPACE, "parse_dead_letters")
+
+    def process(self, raw: RawRecord):
+        try:
+            fields = decode(raw.text)
+            kind, generation = detect(fields)
+            if self._expected_kind and kind != self._expected_kind:
+                raise ParseError(
+                    f"this is a {kind} record ({generation} format), not a "
+                    f"{self._expected_kind}; ingest it with `{_PIPELINE_FOR[kind]}`"
+                )
+        except Exception as error:  # noqa: BLE001 - every bad line becomes a dead letter
+            self._rejected.inc()
+            yield pvalue.TaggedOutput(
+                DEAD_LETTERS,
+                DeadLetter(
+                    self._pipeline_name,
+                    PARSE_STAGE,
+                    raw.source,
+                    raw.line,
+                    raw.text,
+                    _describe(error),
+                ),
+            )
+            return
+        self._parsed.inc()
+        yield ParsedRecord(raw.source, raw.line, kind, generation, fields, raw.text)
+
+
+def _describe(error: Exception) -> str:
+    """One line naming the error; ParseError messages stand alone."""
+    if isinstance(error, ParseError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+class ParseRecords(beam.PTransform):
+    """RawRecord -> ParsedRecord, with undecodable or wrong-kind lines as dead letters.
+
+    Returns a tagged result: ``.records`` and ``.dead_letters``.
+    """
+
+    def __init__(self, expected_kind: Optional[str] = None, pipeline_name: str = ""):
+        super().__init__()
+        self._expected_kind = expected_kind
+        self._pipeline_name = pipeline_name or (expected_kind or "parse")
+
+    def expand(self, raw_records):
+        return raw_records | "Decode" >> beam.ParDo(
+            ParseRecordFn(self._expected_kind, self._pipeline_name)
+        ).with_outputs(DEAD_LETTERS, main="records")

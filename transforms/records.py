@@ -1,0 +1,115 @@
+"""Canonical record types shared by every pipeline.
+
+Each is a ``typing.NamedTuple`` registered with Beam's ``RowCoder``: Beam gets a
+schema, ``ib.collect`` gives typed DataFrame columns, and rows bind straight to
+SQL parameters in column order.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Mapping, NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+from apache_beam.utils.timestamp import Timestamp
+
+REVIEW = "review"
+PRODUCT = "product"
+FORMATS = (2014, 2018, 2023)
+
+
+class RawRecord(NamedTuple):
+    """One non-blank line of a dataset file, with its lineage."""
+
+    source: str
+    line: int
+    text: str
+
+
+class ParsedRecord(NamedTuple):
+    """A decoded line: which kind and generation it is, and its fields as found."""
+
+    source: str
+    line: int
+    kind: str
+    source_format: int
+    fields: dict
+    raw: str
+
+
+class Review(NamedTuple):
+    """One cleaned review, the same shape whatever the source generation."""
+
+    review_id: str
+    reviewer_id: str
+    asin: str
+    parent_asin: Optional[str]
+    reviewer_name: Optional[str]
+    rating: float
+    title: Optional[str]
+    text: Optional[str]
+    helpful_votes: Optional[int]
+    total_votes: Optional[int]
+    verified: Optional[bool]
+    reviewed_at: Timestamp
+    images: Sequence[str]
+    style: Optional[Mapping[str, str]]
+    source_format: int
+    source: str
+    line: int
+
+
+class Product(NamedTuple):
+    """One cleaned product (item metadata); ``details`` is JSON text (values nest)."""
+
+    asin: str
+    title: Optional[str]
+    brand: Optional[str]
+    main_category: Optional[str]
+    categories: Sequence[str]
+    price: Optional[float]
+    sales_rank: Optional[Mapping[str, int]]
+    average_rating: Optional[float]
+    rating_number: Optional[int]
+    description: Optional[str]
+    features: Sequence[str]
+    image_urls: Sequence[str]
+    also_bought: Sequence[str]
+    also_viewed: Sequence[str]
+    bought_together: Sequence[str]
+    details: Optional[str]
+    source_format: int
+    source: str
+    line: int
+
+
+class DeadLetter(NamedTuple):
+    """A record that could not go further: where it came from, what it was, and why."""
+
+    pipeline: str
+    stage: str
+    source: Optional[str]
+    line: Optional[int]
+    raw: Optional[str]
+    error: str
+
+
+class EmotionResult(NamedTuple):
+    """The emotion of one review by one model: top label, its score, every label's score."""
+
+    review_id: str
+    model: str
+    label: str
+    score: float
+    scores: Mapping[str, float]
+
+
+for _record_type in (RawRecord, Review, Product, DeadLetter, EmotionResult):
+    beam.coders.registry.register_coder(_record_type, beam.coders.RowCoder)
+
+RECORD_TYPES: Mapping[str, type] = {REVIEW: Review, PRODUCT: Product}
+
+
+def columns(record_type: type) -> Sequence[str]:
+    """Column names of a record type, in the order they bind to SQL."""
+    return typing.cast(Sequence[str], record_type._fields)
