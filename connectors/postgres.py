@@ -8,6 +8,7 @@ one ``INSERT`` per row.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -241,6 +242,13 @@ class TableSpec:
             out.append((name, stage_type, cast, convert))
         return out
 
+    def lineage_index(self) -> Optional[Callable[[Sequence[Any]], tuple]]:
+        """(source, line) of a row, where the table keeps lineage."""
+        fields = self.record_type._fields
+        if "source" in fields and "line" in fields:
+            return operator.itemgetter(fields.index("source"), fields.index("line"))
+        return None
+
     @property
     def stage_types(self) -> list[str]:
         return [t for _, t, _, _ in self._field_types()]
@@ -254,9 +262,9 @@ class TableSpec:
             sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(stage_type))
             for name, stage_type, _, _ in self._field_types()
         ]
-        return sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS"
-        ).format(sql.Identifier(stage), sql.SQL(", ").join(cols))
+        return sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+            sql.Identifier(stage), sql.SQL(", ").join(cols)
+        )
 
     def copy_sql(self, stage: str) -> sql.Composed:
         return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
@@ -280,15 +288,28 @@ class TableSpec:
         if not self.key:
             return statement
         updated = [c for c in self.columns if c not in self.key]
-        return statement + sql.SQL(
-            " ON CONFLICT ({}) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})"
-        ).format(
-            sql.SQL(", ").join(map(sql.Identifier, self.key)),
-            sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updated
-            ),
-            sql.SQL(", ").join(sql.SQL("{}.{}").format(target, sql.Identifier(c)) for c in updated),
-            sql.SQL(", ").join(sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in updated),
+        # Only rows that differ are rewritten (cheap re-runs), and of two records with
+        # one key the one from the later (source, line) wins whatever the order.
+        guard = sql.SQL("")
+        if self.lineage_index():
+            guard = sql.SQL(
+                " AND (EXCLUDED.source, EXCLUDED.line) >= ({0}.source, {0}.line)"
+            ).format(target)
+        return (
+            statement
+            + sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})").format(
+                sql.SQL(", ").join(map(sql.Identifier, self.key)),
+                sql.SQL(", ").join(
+                    sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updated
+                ),
+                sql.SQL(", ").join(
+                    sql.SQL("{}.{}").format(target, sql.Identifier(c)) for c in updated
+                ),
+                sql.SQL(", ").join(
+                    sql.SQL("EXCLUDED.{}").format(sql.Identifier(c)) for c in updated
+                ),
+            )
+            + guard
         )
 
 
@@ -305,7 +326,9 @@ def dead_letter_table(run_id: Optional[str]) -> TableSpec:
 class CopyUpsertFn(_PostgresWriteFn):
     """beam-postgres' write DoFn, one binary COPY + one guarded upsert per batch.
 
-    A batch the database rejects is bisected to find the offending row, which
+    Batches are written on a background thread while the next one fills, so the
+    database's time overlaps Python's (at most one batch in flight: memory stays
+    flat). A batch the database rejects is bisected to the offending row, which
     comes out of the failed-rows output; the rest of the batch is written.
     """
 
@@ -338,14 +361,53 @@ class CopyUpsertFn(_PostgresWriteFn):
         self._upsert = self._spec.upsert_sql(stage)
         self._types = self._spec.stage_types
         self._convert = self._spec.converters()
-        self._key_index = [self._spec.record_type._fields.index(k) for k in self._spec.key]
+        fields = self._spec.record_type._fields
+        key_indexes = [fields.index(k) for k in self._spec.key]
+        self._key = operator.itemgetter(*key_indexes) if key_indexes else None
+        self._lineage = self._spec.lineage_index()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, f"write-{self._spec.table}")
+
+    def start_bundle(self):
+        super().start_bundle()
+        self._filling: list = []
+        self._in_flight: Optional[concurrent.futures.Future] = None
+        self._done_written = self._done_changed = 0
 
     def process(self, element):
-        # The base returns None between batches, which Beam warns about.
-        return super().process(element) or ()
+        self._filling.append(element)
+        if len(self._filling) < self._max_batch_size:
+            return ()
+        failed = self._wait_in_flight()
+        self._rows_buffer, self._filling = self._filling, []
+        self._in_flight = self._writer.submit(lambda: list(self._flush_batch()))
+        return failed
 
     def finish_bundle(self):
-        return super().finish_bundle() or ()
+        failed = self._wait_in_flight()
+        if self._filling:
+            self._rows_buffer, self._filling = self._filling, []
+            failed += list(self._flush_batch())
+        self._count()
+        return failed
+
+    def teardown(self):
+        self._writer.shutdown(wait=True)
+        super().teardown()
+
+    def _wait_in_flight(self) -> list:
+        """Failed rows of the batch being written (its errors are raised here)."""
+        if self._in_flight is None:
+            return []
+        failed, self._in_flight = self._in_flight.result(), None
+        self._count()
+        return failed
+
+    def _count(self) -> None:
+        # Beam metrics are per thread: the writer thread tallies, this thread reports.
+        written, changed = self._done_written, self._done_changed
+        self._done_written = self._done_changed = 0
+        self._written.inc(written)
+        self._changed.inc(changed)
 
     def _execute_batch(self, batch: list) -> Optional[tuple[Any, psycopg.Error]]:
         rows = self._rows(batch)
@@ -357,12 +419,12 @@ class CopyUpsertFn(_PostgresWriteFn):
             if self._retry_strategy.should_retry(batch[0], error):
                 return batch[0], error
             return self._find_rejected(batch, error)
-        self._written.inc(len(batch))
-        self._changed.inc(changed)
+        self._done_written += len(batch)
+        self._done_changed += changed
         return None
 
     def _rows(self, batch: list) -> list[list[Any]]:
-        """Rows ready for COPY; within a batch the last record of a key wins."""
+        """Rows ready for COPY; of several records with one key, the latest lineage wins."""
         rows = []
         for record in batch:
             row = list(record)
@@ -370,10 +432,15 @@ class CopyUpsertFn(_PostgresWriteFn):
                 if row[index] is not None:
                     row[index] = convert(row[index])
             rows.append(row)
-        if self._key_index:
-            key = operator.itemgetter(*self._key_index)
-            rows = list({key(row): row for row in rows}.values())
-        return rows
+        if self._key is None:
+            return rows
+        latest: dict[Any, list[Any]] = {}
+        key, lineage = self._key, self._lineage
+        for row in rows:
+            seen = latest.setdefault(key(row), row)
+            if seen is not row and (lineage is None or lineage(row) >= lineage(seen)):
+                latest[key(row)] = row
+        return list(latest.values())
 
     def _write(self, rows: list[list[Any]]) -> int:
         with self._pg_conn.transaction():
@@ -484,8 +551,7 @@ class WriteDeadLetters(beam.PTransform):
         return (
             dead_letters
             | "Sanitise" >> beam.Map(_sanitise_dead_letter).with_output_types(DeadLetter)
-            | "CopyDeadLetters"
-            >> beam.ParDo(CopyUpsertFn(self._dsn, self._spec, self._batch_size))
+            | "CopyDeadLetters" >> beam.ParDo(CopyUpsertFn(self._dsn, self._spec, self._batch_size))
             | "FailOnRejected" >> beam.Map(_refuse_to_drop)
         )
 

@@ -44,7 +44,6 @@ TOOLS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-
 class UsageError(Exception):
     """Bad command-line input: printed as one line naming the fix, exit code 2."""
 
@@ -72,7 +71,9 @@ def sample_files() -> dict[str, list[str]]:
     """The bundled sample files, by pipeline: ``meta_*`` files are product metadata."""
     folder = Path(str(resources.files("pipelines").joinpath("samples")))
     files = sorted(
-        str(p) for p in folder.iterdir() if p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
+        str(p)
+        for p in folder.iterdir()
+        if p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz"))
     )
     return {
         "products": [f for f in files if Path(f).name.startswith("meta_")],

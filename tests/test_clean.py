@@ -74,7 +74,7 @@ def test_control_characters_are_removed_but_newlines_kept():
 
 def test_whitespace_is_trimmed_and_labels_collapse_runs():
     assert clean_label("  Gift   Card \n") == "Gift Card"
-    assert clean_text("  line one\n\tline two  ") == "line one\n line two"
+    assert clean_text("  line one\n\tline two  ") == "line one\n\tline two"
 
 
 def test_missing_is_null_never_the_string_none():

@@ -24,14 +24,12 @@ from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, Produc
 
 CLEAN_STAGE = "clean"
 
-_NEEDS_WORK = re.compile(r"[&<\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LINE_BREAK_TAG = re.compile(r"<\s*(?:br|/p|/div|/li)\b[^>]*>", re.IGNORECASE)
 # A tag, or a tag cut off by the scraper (no closing '>'), e.g. '<span class="a-size'.
 _TAG = re.compile(r"<[A-Za-z/!][^<>]*(?:>|$)")
+_SPACE_RUNS = re.compile(r" {2,}")
 _IMG_ALT = re.compile(r"<img\b[^>]*\balt=\"([^\"]*)\"", re.IGNORECASE)
-_SPACES = re.compile(r"\s+")
-_BLANK_RUNS = re.compile(r"[ \t]+")
 _COUNT = re.compile(r"^\d{1,3}(?:,\d{3})+$|^\d+$")
 _PRICE = re.compile(r"^\$?\s*(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?$")
 _RANK = re.compile(r"#?\s*(\d[\d,]*)\s+in\s+([^(]+?)\s*(?:\(|$)")
@@ -50,7 +48,8 @@ def clean_text(value: Any, collapse: bool = False) -> Optional[str]:
     """Unescape entities, strip markup and control characters, trim; empty -> None.
 
     ``collapse`` folds every whitespace run to one space (names, titles, labels);
-    long text keeps its line breaks.
+    long text keeps its own spacing and line breaks. Fast paths first: this runs on
+    every text field of every record.
     """
     if value is None:
         return None
@@ -58,17 +57,17 @@ def clean_text(value: Any, collapse: bool = False) -> Optional[str]:
         if isinstance(value, (list, tuple, dict)):
             raise CleanError(f"expected text, got {type(value).__name__}")
         value = str(value)
-    if _NEEDS_WORK.search(value):
-        if "&" in value:
-            value = html.unescape(value)
-        if "<" in value:
-            value = _LINE_BREAK_TAG.sub("\n", value)
-            value = _TAG.sub(" ", value)
+    if "&" in value:
+        value = html.unescape(value)
+    if "<" in value:
+        value = _TAG.sub(" ", _LINE_BREAK_TAG.sub("\n", value))
+        value = _SPACE_RUNS.sub(" ", value)  # where a tag stood between two spaces
+    if not value.isprintable():  # line breaks, tabs, control characters, odd spaces
         value = _CONTROL.sub("", value)
-    if collapse:
-        value = _SPACES.sub(" ", value)
-    elif "  " in value or "\t" in value:
-        value = _BLANK_RUNS.sub(" ", value)
+        if collapse:
+            value = " ".join(value.split())
+    elif collapse and "  " in value:
+        value = " ".join(value.split())
     value = value.strip()
     return value or None
 
