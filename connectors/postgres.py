@@ -32,12 +32,12 @@ from beam_postgres.io.retry import RetryRowOnTransientErrorStrategy, RetryRowStr
 from psycopg import sql
 
 from transforms.parse import METRICS_NAMESPACE
-from transforms.records import DeadLetter, Product, Review
+from transforms.records import DeadLetter, EmotionResult, Product, Review
 
 SINK_STAGE = "sink"
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_WRITE_RETRIES = 5
-DATALAKE_TABLES = ("products", "reviews", "dead_letters", "pipeline_runs")
+DATALAKE_TABLES = ("products", "reviews", "review_emotions", "dead_letters", "pipeline_runs")
 _LOG = logging.getLogger(__name__)
 
 
@@ -212,6 +212,7 @@ _STAGE_TYPES: Mapping[Any, tuple[str, str, Optional[Callable[[Any], Any]]]] = {
     Sequence[str]: ("text[]", "", None),
     Mapping[str, str]: ("text", "::jsonb", _json_text),
     Mapping[str, int]: ("text", "::jsonb", _json_text),
+    Mapping[str, float]: ("text", "::jsonb", _json_text),
 }
 _JSON_TEXT_COLUMNS = {"details"}
 
@@ -315,6 +316,7 @@ class TableSpec:
 
 REVIEWS = TableSpec("reviews", Review, ("review_id",))
 PRODUCTS = TableSpec("products", Product, ("asin",))
+REVIEW_EMOTIONS = TableSpec("review_emotions", EmotionResult, ("review_id", "model"))
 
 
 def dead_letter_table(run_id: Optional[str]) -> TableSpec:

@@ -15,13 +15,14 @@ from apache_beam.runners.runner import PipelineState
 
 from connectors import postgres
 from connectors.files import ReadDataset
-from connectors.postgres import TableSpec, UpsertToPostgres, WriteDeadLetters
-from pipelines.options import DatalakeOptions
+from connectors.postgres import REVIEW_EMOTIONS, TableSpec, UpsertToPostgres, WriteDeadLetters
+from pipelines.options import DatalakeOptions, EmotionOptions
 from transforms.clean import CleanProducts, CleanReviews
 from transforms.parse import METRICS_NAMESPACE, ParseRecords
 from transforms.records import PRODUCT, REVIEW
 
 _LOG = logging.getLogger(__name__)
+COUNTER_NAMESPACES = (METRICS_NAMESPACE, "emotion")
 
 # One builder per pipeline: (pipeline, options, dsn, run_id) -> None.
 Builder = Callable[[beam.Pipeline, PipelineOptions, str, str], None]
@@ -66,6 +67,13 @@ class RunSummary:
             f"({self.changed:,} rows inserted or changed)",
             f"  dead letters  {self.dead_letters:>12,}",
         ]
+        inline_emotions = "emotion_reviews" in self.counters and self.table != "review_emotions"
+        if inline_emotions:
+            lines.append(
+                f"  emotions      {self.counters.get('review_emotions_upserted', 0):>12,}   "
+                f"into review_emotions ({self.counters.get('emotion_skipped_no_text', 0):,}"
+                " reviews without text skipped)"
+            )
         if self.dead_letters:
             lines.append(f"  see: SELECT * FROM dead_letters WHERE run_id = '{self.run_id}'")
         return "\n".join(lines)
@@ -74,8 +82,10 @@ class RunSummary:
 def collect_counters(result) -> dict[str, int]:
     """TermiDator's Beam counters, summed over steps (committed where the runner has it)."""
     counters: dict[str, int] = {}
-    query = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-    for counter in query["counters"]:
+    for counter in result.metrics().query(MetricsFilter())["counters"]:
+        namespace = counter.key.metric.namespace
+        if namespace not in COUNTER_NAMESPACES:
+            continue
         try:
             value = counter.committed
         except Exception:  # noqa: BLE001 - some runners only have attempted values
@@ -83,6 +93,8 @@ def collect_counters(result) -> dict[str, int]:
         if value is None:
             value = counter.attempted or 0
         name = counter.key.metric.name
+        if namespace != METRICS_NAMESPACE:
+            name = f"{namespace}_{name}"
         counters[name] = counters.get(name, 0) + int(value)
     return counters
 
@@ -153,13 +165,13 @@ def ingest(
     kind: str,
     inputs: Sequence[str],
     dsn: str,
-    run_id: str,
     spec: TableSpec,
     batch_size: int,
-):
-    """Files -> parse -> clean -> upsert, every stage's dead letters to ``dead_letters``.
+) -> tuple[beam.PCollection, list[beam.PCollection]]:
+    """Files -> parse -> clean -> upsert into ``spec``'s table.
 
-    Returns the cleaned records, for pipelines that do more with them (emotions).
+    Returns the cleaned records (for pipelines that do more with them) and every
+    stage's dead letters, for ``write_dead_letters``.
     """
     name = spec.table
     title = kind.capitalize() + "s"
@@ -167,9 +179,39 @@ def ingest(
     parsed = lines.records | f"Parse{title}" >> ParseRecords(kind, name)
     cleaned = parsed.records | f"Clean{title}" >> _CLEANERS[kind](name)
     rejected = cleaned.records | f"Upsert{title}" >> UpsertToPostgres(dsn, spec, name, batch_size)
-    (
-        (lines.dead_letters, parsed.dead_letters, cleaned.dead_letters, rejected)
-        | "CollectDeadLetters" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(dsn, run_id, batch_size)
+    return cleaned.records, [
+        lines.dead_letters,
+        parsed.dead_letters,
+        cleaned.dead_letters,
+        rejected,
+    ]
+
+
+def classify_emotions(
+    reviews: beam.PCollection, options: PipelineOptions, dsn: str, pipeline_name: str
+) -> list[beam.PCollection]:
+    """Reviews -> emotions upserted into ``review_emotions``; returns the dead letters."""
+    from transforms.emotion import ClassifyEmotions  # torch loads only when emotions run
+
+    emotion = options.view_as(EmotionOptions)
+    batch_size = options.view_as(DatalakeOptions).batch_size
+    result = reviews | "ClassifyEmotions" >> ClassifyEmotions(
+        model=emotion.model,
+        device=emotion.device,
+        max_tokens=emotion.max_tokens,
+        torch_threads=emotion.torch_threads,
+        pipeline_name=pipeline_name,
     )
-    return cleaned.records
+    rejected = result.emotions | "UpsertEmotions" >> UpsertToPostgres(
+        dsn, REVIEW_EMOTIONS, pipeline_name, batch_size
+    )
+    return [result.dead_letters, rejected]
+
+
+def write_dead_letters(dead_letters: Sequence[beam.PCollection], dsn: str, run_id: str) -> None:
+    """Every stage's dead letters, flattened into one ``dead_letters`` sink."""
+    (
+        tuple(dead_letters)
+        | "CollectDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetters(dsn, run_id)
+    )

@@ -40,3 +40,34 @@ class IngestOptions(PipelineOptions):
             default=None,
             help="dataset file or glob (.json/.jsonl, gzipped or not); repeatable",
         )
+
+
+class EmotionOptions(PipelineOptions):
+    """Emotion analysis: which model, where it runs. ``--emotions`` is the one switch that
+    turns inline classification on in the ``reviews`` and ``stream`` pipelines."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--emotions",
+            action="store_true",
+            help="classify the emotion of each review while ingesting it",
+        )
+        parser.add_argument(
+            "--model",
+            default="minilm-goemotions-ekman",
+            help="emotion model: the offline default, a Hugging Face model id, or a local path",
+        )
+        parser.add_argument("--device", default="cpu", help="cpu or cuda")
+        parser.add_argument(
+            "--max_tokens", type=int, default=256, help="truncate texts to this many tokens"
+        )
+        parser.add_argument(
+            "--torch_threads", type=int, default=1, help="torch threads per worker process"
+        )
+        parser.add_argument(
+            "--limit",
+            type=int,
+            default=None,
+            help="run emotions: classify at most this many reviews",
+        )

@@ -8,7 +8,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from connectors.postgres import PRODUCTS
-from pipelines.common import RunSummary, execute, ingest
+from pipelines.common import RunSummary, execute, ingest, write_dead_letters
 from pipelines.options import DatalakeOptions, IngestOptions
 from transforms.records import PRODUCT
 
@@ -17,16 +17,17 @@ DESCRIPTION = "product metadata files (2014/2018/2023) -> products"
 
 
 def build(pipeline: beam.Pipeline, options: PipelineOptions, dsn: str, run_id: str):
-    """Read, parse, clean and upsert products; returns the cleaned Product PCollection."""
-    return ingest(
+    """Read, parse, clean and upsert products; returns the cleaned records."""
+    records, dead_letters = ingest(
         pipeline,
         PRODUCT,
         options.view_as(IngestOptions).input or [],
         dsn,
-        run_id,
         PRODUCTS,
         options.view_as(DatalakeOptions).batch_size,
     )
+    write_dead_letters(dead_letters, dsn, run_id)
+    return records
 
 
 def run(

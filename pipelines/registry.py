@@ -12,6 +12,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from connectors import postgres
 from connectors.files import NoInputError
 from connectors.postgres import DatalakeUnavailable
+from transforms.emotion import EmotionModelError
 
 
 def _lazy(module: str) -> Callable[[], ModuleType]:
@@ -22,6 +23,7 @@ def _lazy(module: str) -> Callable[[], ModuleType]:
 PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
     "reviews": _lazy("pipelines.reviews"),
     "products": _lazy("pipelines.products"),
+    "emotions": _lazy("pipelines.emotions"),
 }
 NEEDS_INPUT = {"reviews", "products"}
 
@@ -48,7 +50,7 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line naming the fix, exit code 2."""
 
 
-EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable)
+EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable, EmotionModelError)
 
 # Measured in bench/ingest.py: see README "Runners". In-process FnApiRunner, no Prism attempt.
 DEFAULT_BEAM_ARGS = ("--runner", "DirectRunner")
@@ -82,11 +84,13 @@ def sample_files() -> dict[str, list[str]]:
 
 
 def run_samples(argv: Sequence[str]) -> list:
-    """Ingest the bundled samples (all three generations): products, then reviews."""
+    """The main job: ingest the bundled samples (all three generations), products then
+    reviews, then classify the emotions of every review."""
     summaries = []
     for name, files in sample_files().items():
         inputs = [arg for f in files for arg in ("--input", f)]
         summaries.append(PIPELINES[name]().run(with_default_runner(list(argv) + inputs)))
+    summaries.append(PIPELINES["emotions"]().run(with_default_runner(argv)))
     return summaries
 
 

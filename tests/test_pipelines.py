@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import query
 from connectors.postgres import REVIEWS, UpsertToPostgres
-from pipelines import generate, products, reviews
+from pipelines import emotions, generate, products, reviews
 from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
 from transforms.clean import clean_review
 from transforms.parse import decode, detect
@@ -265,3 +265,38 @@ def test_cli_run_prints_the_summary_and_db_commands_work(datalake, dataset):
     assert url.stdout.strip() == datalake
     listing = cli("list")
     assert listing.returncode == 0 and listing.stdout.splitlines()[0].startswith("reviews")
+
+
+# --- emotions -----------------------------------------------------------------------
+
+
+def test_emotions_pipeline_classifies_each_review_once(datalake, dataset):
+    reviews.run(["--dsn", datalake, "--input", str(dataset / "*_5.json*")])
+    first = emotions.run(["--dsn", datalake])
+    assert (first.records, first.upserted, first.dead_letters) == (2, 2, 0)
+    rows = query(datalake, "SELECT model, label, score, scores FROM review_emotions")
+    assert len(rows) == 2
+    for model, label, score, scores in rows:
+        assert model == "minilm-goemotions-ekman" and label in scores
+        assert score == pytest.approx(max(scores.values()), abs=1e-5)
+        assert sum(scores.values()) == pytest.approx(1.0, abs=1e-3)
+    second = emotions.run(["--dsn", datalake])
+    assert (second.records, second.upserted) == (0, 0)
+
+
+def test_reviews_with_emotions_classifies_inline(datalake, dataset):
+    summary = reviews.run(
+        ["--dsn", datalake, "--input", str(dataset / "All_Beauty*"), "--emotions"],
+        test_pipeline=TestPipeline(),
+    )
+    assert summary.upserted == 2 and summary.counters["review_emotions_upserted"] == 2
+    assert query(
+        datalake,
+        "SELECT count(*) FROM reviews r JOIN review_emotions e USING (review_id)",
+    ) == [(2,)]
+
+
+def test_an_unloadable_model_is_a_one_line_cli_error(datalake):
+    result = cli("run", "emotions", "--dsn", datalake, "--model", "/nonexistent/model")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--model minilm-goemotions-ekman" in result.stderr
