@@ -37,6 +37,7 @@ from transforms.records import DeadLetter, EmotionResult, Product, Review
 SINK_STAGE = "sink"
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_WRITE_RETRIES = 5
+LINEAGE = ("source_format", "source", "line")
 DATALAKE_TABLES = ("products", "reviews", "review_emotions", "dead_letters", "pipeline_runs")
 _LOG = logging.getLogger(__name__)
 
@@ -244,10 +245,10 @@ class TableSpec:
         return out
 
     def lineage_index(self) -> Optional[Callable[[Sequence[Any]], tuple]]:
-        """(source, line) of a row, where the table keeps lineage."""
+        """(source_format, source, line) of a row, where the table keeps lineage."""
         fields = self.record_type._fields
-        if "source" in fields and "line" in fields:
-            return operator.itemgetter(fields.index("source"), fields.index("line"))
+        if all(f in fields for f in LINEAGE):
+            return operator.itemgetter(*(fields.index(f) for f in LINEAGE))
         return None
 
     @property

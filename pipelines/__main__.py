@@ -11,8 +11,23 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from pipelines import registry
-from pipelines.registry import UsageError
+
+class _QuietOptionalCloudImports(logging.Filter):
+    """Beam warns at import that the Google Cloud extras are absent; they are optional here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("apitools not found") or "Failed to import GCSFileSystem" in message
+        )
+
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+for _handler in logging.getLogger().handlers:
+    _handler.addFilter(_QuietOptionalCloudImports())
+
+from pipelines import registry  # noqa: E402 - after the filter: importing Beam logs
+from pipelines.registry import UsageError  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run a pipeline (no name: ingest the bundled samples)",
         description="Run a pipeline. Unknown flags are Beam pipeline options.",
     )
-    run.add_argument("pipeline", nargs="?", help="one of: " + ", ".join(registry.names()))
+    run.add_argument(
+        "pipeline",
+        nargs="?",
+        help="one of: " + ", ".join(registry.names()) + "; then its flags and Beam's",
+    )
 
     commands.add_parser("list", help="list the pipelines")
 
@@ -43,16 +62,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_args: list[str] = []
+    if "run" in argv[:2] and not {"-h", "--help"} & set(argv[argv.index("run") + 1 :][:1]):
+        # Everything after `run` belongs to the pipeline and Beam, verbatim.
+        split = argv.index("run") + 1
+        argv, run_args = argv[:split], argv[split:]
     args, extra = _parser().parse_known_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        logging.getLogger("pipelines").setLevel(logging.INFO)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    for ours in ("pipelines", "connectors", "transforms", "server"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     try:
-        return _dispatch(args, extra)
-    except registry.EXPECTED_ERRORS as error:
+        return _dispatch(args, extra, run_args)
+    except Exception as error:
+        if not registry.is_expected(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -60,12 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
+def _dispatch(args: argparse.Namespace, extra: list[str], run_args: list[str]) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
     if args.command == "run":
-        return _run(args.pipeline, extra)
+        rest = run_args + extra
+        if rest and not rest[0].startswith("-"):
+            return _run(rest[0], rest[1:])
+        return _run(None, rest)
     if extra:
         raise UsageError(f"unrecognised arguments: {' '.join(extra)} (see --help)")
     if args.command == "list":

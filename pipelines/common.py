@@ -10,7 +10,12 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 from apache_beam.runners.runner import PipelineState
 
 from connectors import postgres
@@ -99,11 +104,17 @@ def collect_counters(result) -> dict[str, int]:
     return counters
 
 
-def runner_that_ran(result, options: PipelineOptions) -> str:
-    """Name the runner that really ran: the DirectRunner may have used Prism or the FnApiRunner."""
-    requested = options.view_as(StandardOptions).runner or "DirectRunner"
+def runner_that_ran(result, options: PipelineOptions, runner: object = None) -> str:
+    """Name the runner that really ran: the DirectRunner may have used Prism or the FnApiRunner.
+
+    Portable runs clear ``--runner`` in the options, so the runner object names them.
+    """
+    requested = options.view_as(StandardOptions).runner or (
+        type(runner).__name__ if runner is not None else "DirectRunner"
+    )
     if not isinstance(requested, str):
         requested = type(requested).__name__
+    requested = {"SwitchingDirectRunner": "DirectRunner"}.get(requested, requested)
     module = type(result).__module__
     if "fn_api_runner" in module:
         direct = options.view_as(DirectOptions)
@@ -114,6 +125,10 @@ def runner_that_ran(result, options: PipelineOptions) -> str:
         return f"{via}FnApiRunner ({detail})"
     if module.endswith("portable_runner") and requested.lower() in ("directrunner", "direct"):
         return "DirectRunner -> PrismRunner"
+    portable = options.view_as(PortableOptions)
+    if module.endswith("portable_runner") and portable.job_endpoint:
+        workers = portable.environment_type or "DOCKER"
+        return f"{requested} (job service {portable.job_endpoint}, {workers} workers)"
     if module.endswith("direct_runner"):
         return f"{requested} -> BundleBasedDirectRunner"
     return requested
@@ -145,7 +160,7 @@ def execute(
         result = pipeline.run()
         result.wait_until_finish()
         state = str(result.state).replace("PipelineState.", "")
-        runner = runner_that_ran(result, pipeline.options)
+        runner = runner_that_ran(result, pipeline.options, pipeline.runner)
         _LOG.info("%s ran on %s", name, runner)
         counters = collect_counters(result)
         if result.state != PipelineState.DONE:

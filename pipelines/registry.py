@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from importlib import resources
 from pathlib import Path
 from types import ModuleType
@@ -12,7 +13,6 @@ from typing import Callable, Mapping, Optional, Sequence
 from connectors import postgres
 from connectors.files import NoInputError
 from connectors.postgres import DatalakeUnavailable
-from transforms.emotion import EmotionModelError
 
 
 def _lazy(module: str) -> Callable[[], ModuleType]:
@@ -36,12 +36,25 @@ def _generate_main(args: argparse.Namespace) -> int:
     return importlib.import_module("pipelines.generate").main(args)
 
 
+def _notebook_arguments(parser: argparse.ArgumentParser) -> None:
+    importlib.import_module("pipelines.notebook").add_arguments(parser)
+
+
+def _notebook_main(args: argparse.Namespace) -> int:
+    return importlib.import_module("pipelines.notebook").main(args)
+
+
 # Subcommands that are not pipelines: name -> (help, add_arguments, main).
 TOOLS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": (
         "write synthetic dataset files in the real formats",
         _generate_arguments,
         _generate_main,
+    ),
+    "notebook": (
+        "start JupyterLab on notebooks/, connected to the datalake",
+        _notebook_arguments,
+        _notebook_main,
     ),
 }
 
@@ -50,7 +63,19 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line naming the fix, exit code 2."""
 
 
-EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable, EmotionModelError)
+EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable)
+
+
+def is_expected(error: BaseException) -> bool:
+    """Errors that are the user's input, shown as one line (exit 2) rather than a traceback.
+
+    The emotion module (and torch with it) is only checked once something imported it.
+    """
+    if isinstance(error, EXPECTED_ERRORS):
+        return True
+    emotion = sys.modules.get("transforms.emotion")
+    return emotion is not None and isinstance(error, emotion.EmotionModelError)
+
 
 # Measured in bench/ingest.py: see README "Runners". In-process FnApiRunner, no Prism attempt.
 DEFAULT_BEAM_ARGS = ("--runner", "DirectRunner")

@@ -300,3 +300,37 @@ def test_an_unloadable_model_is_a_one_line_cli_error(datalake):
     result = cli("run", "emotions", "--dsn", datalake, "--model", "/nonexistent/model")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--model minilm-goemotions-ekman" in result.stderr
+
+
+def test_main_job_ingests_every_bundled_sample_and_classifies_emotions(datalake):
+    """`python -m pipelines run` with no name: all three generations, then emotions."""
+    result = cli("run", "--dsn", datalake)
+    assert result.returncode == 0, result.stderr
+    assert [line.split(":")[0] for line in result.stdout.splitlines() if ": DONE" in line] == [
+        "products",
+        "reviews",
+        "emotions",
+    ]
+    formats = dict(query(datalake, "SELECT source_format, count(*) FROM reviews GROUP BY 1"))
+    assert set(formats) == {2014, 2018, 2023}
+    dead = query(datalake, "SELECT stage, source, line FROM dead_letters ORDER BY source")
+    assert [(stage, Path(source).name, line) for stage, source, line in dead] == [
+        ("parse", "All_Beauty.jsonl", 30),
+        ("parse", "All_Beauty_5.json.gz", 24),
+    ]
+    unclassified = query(
+        datalake,
+        "SELECT count(*) FROM reviews r WHERE nullif(trim(text), '') IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM review_emotions e WHERE e.review_id = r.review_id)",
+    )
+    assert unclassified == [(0,)]
+    runs = query(
+        datalake, "SELECT pipeline, state, counters FROM pipeline_runs ORDER BY started_at"
+    )
+    for pipeline, state, counters in runs:
+        assert state == "DONE"
+        if pipeline != "emotions":
+            read = counters["records_read"] + counters.get("read_dead_letters", 0)
+            assert read == counters[f"{pipeline}_upserted"] + counters.get(
+                "dead_letters_upserted", 0
+            )

@@ -1,0 +1,295 @@
+"""Ingestion benchmark: the real pipeline against a hand-written loader and raw COPY.
+
+In one run, against one database server, for the same generated gzip JSON-lines file:
+  (a) the ``reviews`` (or ``products``) pipeline end to end into an empty datalake;
+  (b) the same pipeline again on the full table (every row a conflict);
+  (c) the same-source anchor: a plain Python loop gzip -> json.loads -> binary COPY,
+      append only, no cleaning, into an empty copy of the table without keys;
+  (d) raw text COPY of the same cleaned rows, already in memory, into an empty copy
+      of the table (with its keys).
+Each step runs in its own process, so its peak RSS is its own. Prints rows/s, the
+ratios of (a) and (b) to (c) and (d), peak RSS and the runner; ``--markdown`` appends
+the table to a results file.
+
+    python bench/ingest.py --reviews 500000 [--format 2018] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Raw fields the anchor copies, with their column types: what a hand-written loader
+# would take from each record, uncleaned, into an append-only table of its own.
+ANCHOR_FIELDS = {
+    ("reviews", 2014): "reviewerID text, asin text, reviewerName text, overall float8,"
+    " summary text, reviewText text, unixReviewTime int8",
+    ("reviews", 2018): "reviewerID text, asin text, reviewerName text, overall float8,"
+    " summary text, reviewText text, verified bool, unixReviewTime int8",
+    ("reviews", 2023): "user_id text, asin text, parent_asin text, rating float8, title text,"
+    " text text, verified_purchase bool, helpful_vote int8, timestamp int8",
+    ("products", 2014): "asin text, title text, price float8, imUrl text",
+    ("products", 2018): "asin text, title text, brand text, main_cat text, price text",
+    ("products", 2023): "parent_asin text, title text, store text, main_category text,"
+    " average_rating float8, rating_number int8",
+}
+
+
+def anchor_columns(kind: str, fmt: int) -> list[tuple[str, str]]:
+    """(field, type) pairs the anchor copies."""
+    return [tuple(c.split()) for c in ANCHOR_FIELDS[kind, fmt].split(",")]
+
+
+# --- the measured steps, each run in a child process ------------------------------
+
+
+def step_anchor(dsn: str, path: str, kind: str, fmt: int, table: str) -> dict:
+    """(c) gzip -> json.loads (ast for 2014 metadata) -> binary COPY, append only."""
+    import ast
+
+    import psycopg
+
+    fields = anchor_columns(kind, fmt)
+    loads = ast.literal_eval if (kind, fmt) == ("products", 2014) else json.loads
+    columns = ", ".join(f'"{name}"' for name, _ in fields)
+    rows = 0
+    started = time.perf_counter()
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([pg_type for _, pg_type in fields])
+            with gzip.open(path, "rb") as lines:
+                for line in lines:
+                    record = loads(line)
+                    copy.write_row([record.get(name) for name, _ in fields])
+                    rows += 1
+    return {"rows": rows, "seconds": time.perf_counter() - started}
+
+
+def step_copy(dsn: str, source_table: str, table: str) -> dict:
+    """(d) raw text COPY of the cleaned rows, read into memory first (not timed)."""
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    with psycopg.connect(dsn) as conn:
+        rows = [
+            tuple(Jsonb(v) if isinstance(v, dict) else v for v in row)
+            for row in conn.execute(f"SELECT * FROM {source_table}")
+        ]
+        started = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(f"COPY {table} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        conn.commit()
+    return {"rows": len(rows), "seconds": time.perf_counter() - started}
+
+
+def step_pipeline(dsn: str, path: str, kind: str, extra: list[str]) -> dict:
+    """(a)/(b) the real pipeline, timed by its own run record (pipeline start to end)."""
+    from pipelines import registry
+
+    module = registry.PIPELINES[kind]()
+    summary = module.run(registry.with_default_runner(["--dsn", dsn, "--input", path, *extra]))
+    return {
+        "rows": summary.records,
+        "seconds": summary.elapsed_s,
+        "runner": summary.runner,
+        "upserted": summary.upserted,
+        "dead_letters": summary.dead_letters,
+    }
+
+
+STEPS = {"anchor": step_anchor, "copy": step_copy, "pipeline": step_pipeline}
+
+
+def run_step(name: str, *args) -> dict:
+    """Run one step in a child process; add its peak RSS (MiB)."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--step", name, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    if status != 0:
+        raise SystemExit(f"step {name} failed (status {status})")
+    result = json.loads(output.decode().strip().splitlines()[-1])
+    result["peak_rss_mib"] = usage.ru_maxrss / 1024
+    return result
+
+
+# --- orchestration ------------------------------------------------------------------
+
+
+def fresh_database(server_dsn: str) -> str:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from connectors import postgres
+
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(**{**conninfo_to_dict(server_dsn), "dbname": name})
+    postgres.migrate(dsn)
+    return dsn
+
+
+def drop_database(server_dsn: str, dsn: str) -> None:
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def one_round(server_dsn: str, path: str, kind: str, fmt: int, extra: list[str]) -> dict:
+    """(a), (b), (c), (d) once, in a fresh database."""
+    import psycopg
+
+    dsn = fresh_database(server_dsn)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            columns = ", ".join(
+                f'"{name}" {pg_type}' for name, pg_type in anchor_columns(kind, fmt)
+            )
+            conn.execute(f"CREATE TABLE anchor_{kind} ({columns})")
+            conn.execute(f"CREATE TABLE copy_{kind} (LIKE {kind} INCLUDING ALL)")
+        result = {
+            "a": run_step("pipeline", dsn, path, kind, extra),
+            "b": run_step("pipeline", dsn, path, kind, extra),
+            "c": run_step("anchor", dsn, path, kind, fmt, f"anchor_{kind}"),
+            "d": run_step("copy", dsn, kind, f"copy_{kind}"),
+        }
+    finally:
+        drop_database(server_dsn, dsn)
+    for key in ("a", "b", "c", "d"):
+        result[key]["rate"] = result[key]["rows"] / result[key]["seconds"]
+    return result
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """Per step, the median rate (and the seconds and RSS of that same round)."""
+    out = {}
+    for key in ("a", "b", "c", "d"):
+        ordered = sorted(rounds, key=lambda r: r[key]["rate"])
+        out[key] = ordered[len(ordered) // 2][key]
+        out[key]["rates"] = [r[key]["rate"] for r in rounds]
+    return out
+
+
+def report(result: dict, args: argparse.Namespace, command: str) -> str:
+    a, b, c, d = (result[k] for k in "abcd")
+    names = {
+        "a": f"(a) {args.kind} pipeline, empty datalake",
+        "b": f"(b) {args.kind} pipeline again, all conflicts",
+        "c": "(c) same-source anchor: gzip -> json.loads -> binary COPY",
+        "d": "(d) raw text COPY of the cleaned rows",
+    }
+    lines = [
+        f"### {args.kind} x {args.count:,} ({args.format} format), {args.repeat} round(s), median",
+        "",
+        f"`{command}` — {datetime.date.today()}, {platform.node() or 'host'},"
+        f" {os.cpu_count()} cores; runner: {a['runner']}",
+        "",
+        "| step | rows/s | seconds | peak RSS MiB | ratio to (c) | ratio to (d) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key in "abcd":
+        step = result[key]
+        lines.append(
+            f"| {names[key]} | {step['rate']:,.0f} | {step['seconds']:.1f} |"
+            f" {step['peak_rss_mib']:,.0f} | {step['rate'] / c['rate']:.2f} |"
+            f" {step['rate'] / d['rate']:.2f} |"
+        )
+    lines += [
+        "",
+        f"(a)/(c) = **{a['rate'] / c['rate']:.2f}**, (b)/(c) = **{b['rate'] / c['rate']:.2f}**;"
+        f" (a)/(d) = {a['rate'] / d['rate']:.2f}, (b)/(d) = {b['rate'] / d['rate']:.2f}."
+        f" Pipeline rows: {a['upserted']:,} upserted + {a['dead_letters']:,} dead letters"
+        f" of {a['rows']:,} read. Rates per round: "
+        + "; ".join(f"{k} " + ", ".join(f"{r:,.0f}" for r in result[k]["rates"]) for k in "abcd"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--reviews", type=int, help="benchmark the reviews pipeline on N reviews")
+    size.add_argument("--products", type=int, help="benchmark the products pipeline on N items")
+    parser.add_argument("--format", type=int, default=2018, choices=(2014, 2018, 2023))
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the median is reported")
+    parser.add_argument("--dsn", help="server to use (default: a fresh embedded one)")
+    parser.add_argument("--data", default=str(ROOT / "bench" / "out"), help="input cache dir")
+    parser.add_argument("--markdown", help="append the result table to this file")
+    parser.add_argument("pipeline_args", nargs="*", help="extra pipeline flags after --")
+    args = parser.parse_args()
+    args.kind = "reviews" if args.reviews else "products"
+    args.count = args.reviews or args.products
+
+    path = Path(args.data) / f"{args.kind}_{args.format}_{args.count}.jsonl.gz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipelines", "generate", args.kind, "--format",
+             str(args.format), "--count", str(args.count), "--output", str(path)],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+
+    home = None
+    server_dsn = args.dsn
+    if not server_dsn:
+        home = Path(tempfile.mkdtemp(prefix="termidator-bench-"))
+        os.environ["TERMIDATOR_HOME"] = str(home)
+        from connectors import postgres
+
+        server_dsn = postgres.embedded_dsn(home)
+    try:
+        rounds = []
+        for number in range(args.repeat):
+            rounds.append(
+                one_round(server_dsn, str(path), args.kind, args.format, args.pipeline_args)
+            )
+            print(
+                f"round {number + 1}: "
+                + ", ".join(f"{k} {rounds[-1][k]['rate']:,.0f} rows/s" for k in "abcd"),
+                file=sys.stderr,
+            )
+    finally:
+        if home:
+            from connectors import postgres
+
+            postgres.stop_embedded(home)
+            shutil.rmtree(home, ignore_errors=True)
+    command = "python bench/ingest.py " + " ".join(sys.argv[1:])
+    text = report(median_round(rounds), args, command)
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "a") as out:
+            out.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--step":
+        step_args = json.loads(sys.argv[3])
+        print(json.dumps(STEPS[sys.argv[2]](*step_args)))
+        sys.exit(0)
+    sys.exit(main())
