@@ -51,11 +51,19 @@ def clean_text(value: Any, collapse: bool = False) -> Optional[str]:
     long text keeps its own spacing and line breaks. Fast paths first: this runs on
     every text field of every record.
     """
-    if value is None:
+    if type(value) is str:
+        if (
+            "&" not in value
+            and "<" not in value
+            and value.isprintable()
+            and not (collapse and "  " in value)
+        ):  # the usual case: nothing to clean but the ends
+            return value.strip() or None
+    elif value is None:
         return None
-    if not isinstance(value, str):
-        if isinstance(value, (list, tuple, dict)):
-            raise CleanError(f"expected text, got {type(value).__name__}")
+    elif isinstance(value, (list, tuple, dict)):
+        raise CleanError(f"expected text, got {type(value).__name__}")
+    else:
         value = str(value)
     if "&" in value:
         value = html.unescape(value)
@@ -148,6 +156,8 @@ def parse_bool(value: Any) -> Optional[bool]:
 
 def review_time(seconds: Any = None, date_text: Any = None, millis: Any = None) -> Timestamp:
     """Review time as a UTC Timestamp: epoch seconds, epoch millis, or "MM D, YYYY"."""
+    if type(seconds) is int and seconds > 0 and millis is None:  # 2014/2018: the usual case
+        return Timestamp(micros=seconds * 1_000_000)
     for value, scale in ((millis, 1000), (seconds, 1)):
         number = parse_float(value)
         if number is not None and number > 0:
@@ -178,7 +188,10 @@ def review_id(reviewer_id: str, asin: str, reviewed_at: Timestamp) -> str:
 def required_id(fields: Mapping[str, Any], *names: str) -> str:
     """An identifier that must be present (reviewer, asin): first non-empty of names."""
     for name in names:
-        value = clean_label(fields.get(name))
+        value = fields.get(name)
+        if type(value) is str and value.isalnum():  # the usual case: nothing to clean
+            return value
+        value = clean_label(value)
         if value:
             return value
     raise CleanError(f"missing {' / '.join(names)}")
@@ -192,7 +205,7 @@ def clean_style(style: Any) -> Optional[dict[str, str]]:
         raise CleanError(f"style is not an object: {style!r}")
     cleaned = {}
     for key, value in style.items():
-        key = clean_label(str(key).rstrip().rstrip(":"))
+        key = clean_label(str(key).strip().rstrip(":"))
         value = clean_label(value)
         if key and value:
             cleaned[key] = value
@@ -481,6 +494,12 @@ class CleanRecordFn(beam.DoFn):
     def setup(self):
         self._clean = CLEANERS[self._kind]
 
+    def start_bundle(self):
+        self._cleaned_in_bundle = 0  # counted per bundle: a counter per record costs
+
+    def finish_bundle(self):
+        self._cleaned.inc(self._cleaned_in_bundle)
+
     def process(self, record: ParsedRecord):
         try:
             cleaned = self._clean(record)
@@ -499,7 +518,7 @@ class CleanRecordFn(beam.DoFn):
                 ),
             )
             return
-        self._cleaned.inc()
+        self._cleaned_in_bundle += 1
         yield cleaned
 
 

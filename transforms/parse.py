@@ -95,6 +95,12 @@ class ParseRecordFn(beam.DoFn):
         self._parsed = Metrics.counter(METRICS_NAMESPACE, "records_parsed")
         self._rejected = Metrics.counter(METRICS_NAMESPACE, "parse_dead_letters")
 
+    def start_bundle(self):
+        self._parsed_in_bundle = 0  # counted per bundle: a counter per record costs
+
+    def finish_bundle(self):
+        self._parsed.inc(self._parsed_in_bundle)
+
     def process(self, raw: RawRecord):
         try:
             fields = decode(raw.text)
@@ -118,7 +124,7 @@ class ParseRecordFn(beam.DoFn):
                 ),
             )
             return
-        self._parsed.inc()
+        self._parsed_in_bundle += 1
         yield ParsedRecord(raw.source, raw.line, kind, generation, fields, raw.text)
 
 

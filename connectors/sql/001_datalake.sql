@@ -19,9 +19,8 @@ CREATE TABLE reviews (
     source         text NOT NULL,
     line           integer NOT NULL
 );
+-- One secondary index, for joins to products; every index slows bulk loads.
 CREATE INDEX reviews_asin_idx ON reviews (asin);
-CREATE INDEX reviews_parent_asin_idx ON reviews (parent_asin);
-CREATE INDEX reviews_reviewed_at_idx ON reviews (reviewed_at);
 
 CREATE TABLE products (
     asin            text PRIMARY KEY,
@@ -44,7 +43,6 @@ CREATE TABLE products (
     source          text NOT NULL,
     line            integer NOT NULL
 );
-CREATE INDEX products_main_category_idx ON products (main_category);
 
 CREATE TABLE pipeline_runs (
     run_id      uuid PRIMARY KEY,
