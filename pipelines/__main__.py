@@ -30,7 +30,7 @@ from pipelines import registry  # noqa: E402 - after the filter: importing Beam 
 from pipelines.registry import UsageError  # noqa: E402
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
         description="TermiDator: Amazon review datasets -> Postgres datalake, with Beam.",
@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--dsn", default=None, help="default $TERMIDATOR_DSN, else embedded")
 
     for name, (help_text, add_arguments, _) in registry.TOOLS.items():
-        add_arguments(commands.add_parser(name, help=help_text))
+        tool = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # a tool's module (FastAPI, Jupyter, ...) loads only when used
+            add_arguments(tool)
     return parser
 
 
@@ -68,7 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Everything after `run` belongs to the pipeline and Beam, verbatim.
         split = argv.index("run") + 1
         argv, run_args = argv[:split], argv[split:]
-    args, extra = _parser().parse_known_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args, extra = _parser(command).parse_known_args(argv)
     if args.verbose:
         logging.getLogger().setLevel(logging.INFO)
     for ours in ("pipelines", "connectors", "transforms", "server"):
