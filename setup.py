@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Apache Beam pipelines that turn the Amazon review datasets into a Postgres datalake",
     python_requires=">=3.11",
-    packages=["pipelines", "transforms", "connectors"],
+    packages=["pipelines", "transforms", "connectors", "server"],
     package_data={
         "connectors": ["sql/*.sql"],
         "pipelines": ["samples/*"],

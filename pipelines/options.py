@@ -71,3 +71,63 @@ class EmotionOptions(PipelineOptions):
             default=None,
             help="run emotions: classify at most this many reviews",
         )
+
+
+class StreamOptions(PipelineOptions):
+    """The ``stream`` pipeline: what it follows, when it stops, its event-time windows.
+
+    Durations take a number of seconds or a suffix: ``90s``, ``30m``, ``6h``, ``1d``.
+    ``--emotions`` and ``--model`` come from ``EmotionOptions``.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--dataset",
+            default="reviews",
+            help="landing zone to follow: reviews or products (default reviews)",
+        )
+        parser.add_argument(
+            "--stop-after",
+            "--stop_after",
+            dest="stop_after",
+            default=None,
+            help="stop following after this long (default: run until interrupted)",
+        )
+        parser.add_argument(
+            "--stop-after-idle",
+            "--stop_after_idle",
+            dest="stop_after_idle",
+            default=None,
+            help="stop once no new file has landed for this long",
+        )
+        parser.add_argument(
+            "--replay",
+            default=None,
+            help="stream this dataset file instead of following the landing zone",
+        )
+        parser.add_argument(
+            "--rate", default=None, help="--replay: records per second (default: as read)"
+        )
+        parser.add_argument(
+            "--window", default="1d", help="event-time window of review_stats (default 1d)"
+        )
+        parser.add_argument(
+            "--allowed-lateness",
+            "--allowed_lateness",
+            dest="allowed_lateness",
+            default="1d",
+            help="late reviews within this still update their window's row (default 1d)",
+        )
+        parser.add_argument(
+            "--poll-interval",
+            "--poll_interval",
+            dest="poll_interval",
+            default="1s",
+            help="how often the landing zone is listed when idle (default 1s)",
+        )
+        parser.add_argument(
+            "--landing",
+            default=None,
+            help="landing zone root (default $TERMIDATOR_HOME/landing)",
+        )

@@ -24,6 +24,7 @@ PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
     "reviews": _lazy("pipelines.reviews"),
     "products": _lazy("pipelines.products"),
     "emotions": _lazy("pipelines.emotions"),
+    "stream": _lazy("pipelines.stream"),
 }
 NEEDS_INPUT = {"reviews", "products"}
 
@@ -44,6 +45,22 @@ def _notebook_main(args: argparse.Namespace) -> int:
     return importlib.import_module("pipelines.notebook").main(args)
 
 
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    importlib.import_module("server.app").add_arguments(parser)
+
+
+def _serve_main(args: argparse.Namespace) -> int:
+    return importlib.import_module("server.app").main(args)
+
+
+def _stream_arguments(parser: argparse.ArgumentParser) -> None:
+    importlib.import_module("server.client").add_arguments(parser)
+
+
+def _stream_main(args: argparse.Namespace) -> int:
+    return importlib.import_module("server.client").main(args)
+
+
 # Subcommands that are not pipelines: name -> (help, add_arguments, main).
 TOOLS: dict[str, tuple[str, Callable, Callable]] = {
     "generate": (
@@ -55,6 +72,16 @@ TOOLS: dict[str, tuple[str, Callable, Callable]] = {
         "start JupyterLab on notebooks/, connected to the datalake",
         _notebook_arguments,
         _notebook_main,
+    ),
+    "serve": (
+        "REST service: ingest NDJSON into the landing zone, start and watch jobs",
+        _serve_arguments,
+        _serve_main,
+    ),
+    "stream": (
+        "send a dataset file to the REST service in batches (progress, retries)",
+        _stream_arguments,
+        _stream_main,
     ),
 }
 
@@ -77,8 +104,10 @@ def is_expected(error: BaseException) -> bool:
     return emotion is not None and isinstance(error, emotion.EmotionModelError)
 
 
-# Measured in bench/ingest.py: see README "Runners". In-process FnApiRunner, no Prism attempt.
-DEFAULT_BEAM_ARGS = ("--runner", "DirectRunner")
+# Measured in bench/ingest.py (bench/RESULTS.md): the in-process FnApiRunner, called
+# directly, beat the DirectRunner (which first tries to download Prism, without a
+# timeout, then falls back to it) and multi_processing (records cross processes).
+DEFAULT_BEAM_ARGS = ("--runner", "FnApiRunner")
 
 
 def names() -> list[str]:
@@ -122,8 +151,8 @@ def run_samples(argv: Sequence[str]) -> list:
 def db_command(action: str, dsn: Optional[str]) -> int:
     """``db url`` prints the DSN (starting the embedded server); ``status`` the tables."""
     if action == "stop":
-        postgres.stop_embedded()
-        print("embedded datalake stopped")
+        stopped = postgres.stop_embedded()
+        print("embedded datalake stopped" if stopped else "embedded datalake was not running")
         return 0
     resolved = postgres.resolve_dsn(dsn)
     if action == "url":

@@ -2,15 +2,17 @@
 
 -- One row per file landed in TERMIDATOR_HOME/landing/<dataset>/ that a streaming run took
 -- on. 'claimed': a run (run_id) emits its records; 'done': every record is upserted or a
--- dead letter, so no later run reads it again. A claim whose run is no longer RUNNING, or
--- whose heartbeat is stale, is taken over (the file is read again; upserts make that
--- harmless, and the old claim's dead letters for the file are replaced).
+-- dead letter (settled = records, counted by the sinks in their own transactions), so no
+-- later run reads it again. A claim whose run is no longer RUNNING, or whose heartbeat is
+-- stale, is taken over (the file is read again; upserts make that harmless, and the old
+-- claim's dead letters for the file are replaced).
 CREATE TABLE landing_files (
     dataset      text NOT NULL,
     name         text NOT NULL,
     path         text NOT NULL,
     bytes        bigint NOT NULL,
     records      integer,
+    settled      integer NOT NULL DEFAULT 0,
     state        text NOT NULL CHECK (state IN ('claimed', 'done')),
     run_id       uuid NOT NULL,
     attempts     integer NOT NULL DEFAULT 1,

@@ -1,0 +1,331 @@
+"""``POST /v1/ingest/{dataset}``: validate an NDJSON body as it streams in, land it.
+
+Each line is checked with the parse stage's own ``decode`` and ``detect``: accepted
+lines go, in order, to one file in the landing zone (written under a temp name and
+renamed when complete); rejected lines are answered with their line number and reason
+and kept as dead letters (stage ``ingest``), so nothing sent is lost. An
+Idempotency-Key makes a retried request land nothing twice and get the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import zlib
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from connectors.landing import DATASETS, LandingFile, new_file_name
+from connectors.postgres import _sanitise_dead_letter
+from transforms.parse import decode, detect
+from transforms.records import DeadLetter
+
+NDJSON_TYPES = frozenset(
+    {
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/x-jsonlines",
+        "application/jsonlines",
+        "application/json-lines",
+    }
+)
+ENCODINGS = frozenset({"identity", "gzip", "x-gzip"})
+INGEST_PIPELINE = "ingest"
+INGEST_STAGE = "ingest"
+MAX_LISTED_REJECTIONS = 10_000
+_OUT_CHUNK = 1 << 20
+
+
+class LimitExceeded(Exception):
+    """The body or one of its lines is over the service's limit (413)."""
+
+
+class BadBody(Exception):
+    """The body cannot be read as declared, e.g. gzip that is not gzip (400)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request limits: decompressed body bytes, bytes per line."""
+
+    max_body_bytes: int = 64 << 20
+    max_line_bytes: int = 1 << 20
+
+
+@dataclasses.dataclass
+class Rejection:
+    line: int
+    reason: str
+    raw: str
+
+
+def landing_name(dataset: str, key: Optional[str]) -> str:
+    """A unique landing file name (sorting by arrival), marked with the key's digest."""
+    if key is None:
+        return new_file_name()
+    digest = hashlib.sha256(f"{dataset}\x1f{key}".encode()).hexdigest()[:24]
+    return new_file_name(f"-key-{digest}.jsonl")
+
+
+class BodyReader:
+    """Decompress (gzip, several members too) and split a streamed body into lines.
+
+    Output per call is bounded, so a small gzip bomb cannot blow up memory; the limits
+    count decompressed bytes. ``digest`` hashes the decompressed body.
+    """
+
+    def __init__(self, gzipped: bool, limits: Limits):
+        self._limits = limits
+        self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzipped else None
+        self._pending = b""
+        self._hash = hashlib.sha256()
+        self.body_bytes = 0
+        self.lines = 0
+
+    @property
+    def digest(self) -> str:
+        return self._hash.hexdigest()
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) for every line completed by this chunk."""
+        for data in self._decompress(chunk):
+            yield from self._split(data)
+
+    def finish(self) -> Iterator[tuple[int, bytes]]:
+        """The last line (without a trailing newline); checks gzip ended properly."""
+        if self._gzip is not None:
+            yield from self._split(self._gzip.flush())
+            if not self._gzip.eof:
+                raise BadBody("the gzip body ends before its end marker (truncated upload?)")
+        if self._pending:
+            self.lines += 1
+            yield self.lines, self._pending
+            self._pending = b""
+
+    def _decompress(self, chunk: bytes) -> Iterator[bytes]:
+        if self._gzip is None:
+            yield chunk
+            return
+        data = chunk
+        while data:
+            try:
+                out = self._gzip.decompress(data, _OUT_CHUNK)
+            except zlib.error as error:
+                raise BadBody(f"the body is not valid gzip ({error})") from None
+            data = self._gzip.unconsumed_tail
+            if out:
+                yield out
+            if self._gzip.eof:
+                rest = self._gzip.unused_data
+                if rest.strip(b"\x00"):  # another gzip member follows
+                    self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16)
+                    data = rest + data
+                else:
+                    data = b""
+
+    def _split(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        if not data:
+            return
+        self.body_bytes += len(data)
+        if self.body_bytes > self._limits.max_body_bytes:
+            raise LimitExceeded(
+                f"the body is over {self._limits.max_body_bytes:,} bytes (decompressed);"
+                " send smaller batches"
+            )
+        self._hash.update(data)
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self.lines += 1
+            self._check_length(self.lines, line)
+            yield self.lines, line
+        self._check_length(self.lines + 1, self._pending)
+
+    def _check_length(self, number: int, line: bytes) -> None:
+        if len(line) > self._limits.max_line_bytes:
+            raise LimitExceeded(
+                f"line {number} is over {self._limits.max_line_bytes:,} bytes;"
+                " one record per line, each under the limit"
+            )
+
+
+class NdjsonIngest:
+    """One request's lines: validated, accepted ones written to a landing file."""
+
+    def __init__(self, dataset: str, directory: Path, name: str, gzipped: bool, limits: Limits):
+        self.dataset = dataset
+        self.kind = DATASETS[dataset]
+        self.reader = BodyReader(gzipped, limits)
+        self.landing = LandingFile(directory, name)
+        self.accepted = 0
+        self.rejections: list[Rejection] = []
+
+    @property
+    def path(self) -> str:
+        return str(self.landing.path)
+
+    def feed(self, chunk: bytes) -> None:
+        for number, line in self.reader.feed(chunk):
+            self._take(number, line)
+
+    def finish(self) -> None:
+        for number, line in self.reader.finish():
+            self._take(number, line)
+
+    def _take(self, number: int, line: bytes) -> None:
+        line = line.rstrip(b"\r")
+        if not line.strip():
+            return  # blank lines are skipped, as the file reader does
+        reason = self._why_not(line)
+        if reason is None:
+            self.landing.write(line + b"\n")
+            self.accepted += 1
+        else:
+            self.rejections.append(Rejection(number, reason, line.decode("utf-8", "replace")))
+
+    def _why_not(self, line: bytes) -> Optional[str]:
+        """None when the line is a record of this dataset; else the reason it is not."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"not UTF-8 text: {error}"
+        try:
+            kind, generation = detect(decode(text))
+        except Exception as error:  # noqa: BLE001 - ParseError and the odd decoder error
+            return str(error) if isinstance(error, ValueError) else repr(error)
+        if kind != self.kind:
+            other = next(d for d, k in DATASETS.items() if k == kind)
+            return (
+                f"this is a {kind} record ({generation} format), not a {self.kind};"
+                f" POST it to /v1/ingest/{other}"
+            )
+        return None
+
+    def commit(self) -> Optional[str]:
+        """Land the accepted lines (none: no file); returns the landed file's name."""
+        if not self.accepted:
+            self.landing.abort()
+            return None
+        self.landing.commit()
+        return self.landing.name
+
+    def abort(self) -> None:
+        self.landing.abort()
+
+    def answer(self, file: Optional[str], key: Optional[str]) -> dict[str, Any]:
+        listed = self.rejections[:MAX_LISTED_REJECTIONS]
+        return {
+            "dataset": self.dataset,
+            "file": file,
+            "lines": self.accepted + len(self.rejections),
+            "accepted": self.accepted,
+            "rejected": len(self.rejections),
+            "rejections": [{"line": r.line, "reason": r.reason} for r in listed],
+            "rejections_truncated": len(listed) < len(self.rejections),
+            "idempotency_key": key,
+        }
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [
+            _sanitise_dead_letter(
+                DeadLetter(INGEST_PIPELINE, INGEST_STAGE, self.path, r.line, r.raw, r.reason)
+            )
+            for r in self.rejections
+        ]
+
+
+# --- idempotency keys and the dead letters of rejected lines -----------------------
+
+
+class KeyInProgress(Exception):
+    """Another request with this Idempotency-Key is being processed (409)."""
+
+
+class KeyReused(Exception):
+    """The Idempotency-Key was used before with a different body (422)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """A finished request's answer, to give again to a retry."""
+
+    status: int
+    response: dict
+    body_sha256: str
+
+
+def begin(dsn: str, dataset: str, key: str, stale_s: float) -> tuple[str, Optional[Stored]]:
+    """Reserve ``key``: returns (landing file name, None), or (name, Stored) for a retry.
+
+    A reservation left pending longer than ``stale_s`` (a crashed request) is taken over,
+    with the same file name.
+    """
+    name = landing_name(dataset, key)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with conn.transaction():
+            inserted = conn.execute(
+                "INSERT INTO ingest_requests (dataset, idempotency_key, state, file)"
+                " VALUES (%s, %s, 'pending', %s) ON CONFLICT DO NOTHING RETURNING file",
+                (dataset, key, name),
+            ).fetchone()
+            if inserted:
+                return name, None
+            state, file, status, response, sha, stale = conn.execute(
+                "SELECT state, file, status, response, body_sha256,"
+                " created_at < now() - %s * interval '1 second' FROM ingest_requests"
+                " WHERE dataset = %s AND idempotency_key = %s FOR UPDATE",
+                (stale_s, dataset, key),
+            ).fetchone()
+            if state == "done":
+                return file, Stored(status, response, sha)
+            if not stale:
+                raise KeyInProgress(key)
+            conn.execute(
+                "UPDATE ingest_requests SET created_at = now()"
+                " WHERE dataset = %s AND idempotency_key = %s",
+                (dataset, key),
+            )
+            return file, None
+
+
+def finish(
+    dsn: str,
+    dataset: str,
+    key: Optional[str],
+    body_sha256: str,
+    status: int,
+    response: dict,
+    dead_letters: list[DeadLetter],
+) -> None:
+    """In one transaction: the rejected lines' dead letters, and the key's answer."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        with conn.transaction():
+            if dead_letters:
+                with conn.cursor() as cur:
+                    with cur.copy(
+                        "COPY dead_letters (pipeline, stage, source, line, raw, error)"
+                        " FROM STDIN"
+                    ) as copy:
+                        for letter in dead_letters:
+                            copy.write_row(letter)
+            if key is not None:
+                conn.execute(
+                    "UPDATE ingest_requests SET state = 'done', body_sha256 = %s, status = %s,"
+                    " response = %s, finished_at = now()"
+                    " WHERE dataset = %s AND idempotency_key = %s",
+                    (body_sha256, status, Jsonb(response), dataset, key),
+                )
+
+
+def release(dsn: str, dataset: str, key: str) -> None:
+    """Forget a reservation whose request failed, so that a retry can go ahead."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(
+            "DELETE FROM ingest_requests WHERE dataset = %s AND idempotency_key = %s"
+            " AND state = 'pending'",
+            (dataset, key),
+        )

@@ -1,0 +1,435 @@
+"""Streaming: the landing zone, FollowLanding on the DirectRunner while files appear,
+restarts, replay, and windowed review stats with late data on TestStream."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from pathlib import Path
+
+import apache_beam as beam
+import pytest
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing import test_stream
+from apache_beam.testing.util import assert_that, equal_to, equal_to_per_window
+from apache_beam.transforms.window import IntervalWindow, TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from conftest import query
+from connectors import landing, postgres
+from connectors.landing import (
+    FollowLanding,
+    FollowLandingFn,
+    LandingFile,
+    LandingRestriction,
+    LandingTracker,
+    LandingWatch,
+)
+from pipelines import __main__ as cli
+from pipelines import stream
+from pipelines.stream import ReviewStats, StatInput, WindowedReviewStats
+from test_parse import META_2018, REVIEW_2018
+from test_portable import job_endpoint  # noqa: F401 - Beam's local job service, per module
+from transforms.clean import clean_review
+from transforms.parse import decode, detect
+from transforms.records import EmotionResult, ParsedRecord
+
+DAY = 86400
+FAST = ["--poll-interval", "0.1", "--stop-after-idle", "1.5"]
+
+
+def review(reviewer: str, asin: str = "B000000001", when: int = 1_300_000_000, rating=4.0) -> str:
+    """A 2018-format review line."""
+    fields = {**json.loads(REVIEW_2018), "reviewerID": reviewer, "asin": asin}
+    fields.update(overall=rating, unixReviewTime=when)
+    fields.pop("reviewTime")
+    return json.dumps(fields)
+
+
+def wait_for(condition, timeout: float = 60.0, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {condition}")
+
+
+def claimed(dsn: str, path: Path, state: str = "%") -> bool:
+    found = query(
+        dsn, "SELECT 1 FROM landing_files WHERE path = %s AND state LIKE %s", (str(path), state)
+    )
+    return bool(found)
+
+
+def land_after_claims(
+    dsn: str, root: Path, batches: list[tuple[Path, list[str]]], state: str = "%"
+):
+    """Land each batch once the previous file is claimed (or in ``state``): files appear
+    while the stream runs."""
+
+    def produce():
+        for previous, (name, lines) in batches:
+            wait_for(lambda: claimed(dsn, previous, state))
+            landing.land_lines("reviews", lines, name=name, root=root)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    return thread
+
+
+# --- the landing zone ----------------------------------------------------------------
+
+
+def test_a_landing_file_is_invisible_until_committed_and_leaves_nothing_when_aborted(tmp_path):
+    directory = landing.landing_dir("reviews", tmp_path)
+    with LandingFile(directory, "a.jsonl") as file:
+        file.write(b"{}\n")
+        assert landing.list_landed(directory) == []  # only the hidden temp file exists
+        assert [p.name.startswith(".a.jsonl") for p in directory.iterdir()] == [True]
+        file.commit()
+    assert [f.name for f in landing.list_landed(directory)] == ["a.jsonl"]
+    with pytest.raises(RuntimeError):
+        with LandingFile(directory, "b.jsonl") as file:
+            file.write(b"half")
+            raise RuntimeError("producer died")
+    assert sorted(p.name for p in directory.iterdir()) == ["a.jsonl"]
+    with pytest.raises(landing.UnknownDataset):
+        landing.landing_dir("music", tmp_path)
+
+
+# --- FollowLanding -----------------------------------------------------------------
+
+
+def test_follow_landing_emits_files_appearing_while_it_runs_once_with_review_times(
+    datalake, tmp_path
+):
+    run_id = postgres.start_run(datalake, "test", {})
+    first = landing.land_lines("reviews", [review("A", when=1_000 * DAY)], "1.jsonl", tmp_path)
+    second, third = tmp_path / "reviews" / "2.jsonl", tmp_path / "reviews" / "3.jsonl"
+    producer = land_after_claims(
+        datalake,
+        tmp_path,
+        [
+            (first, ("2.jsonl", [review("B", when=2_000 * DAY), review("C", when=1_500 * DAY)])),
+            (second, ("3.jsonl", [b"\xff not text", review("D", when=3_000 * DAY)])),
+        ],
+    )
+    with TestPipeline() as p:
+        out = p | FollowLanding(
+            tmp_path / "reviews", "reviews", datalake, run_id, "stream", 0.05, None, 1.5
+        )
+        assert_that(
+            out.records
+            | beam.Map(
+                lambda r, ts=beam.DoFn.TimestampParam: (
+                    Path(r.source).name,
+                    r.line,
+                    ts.micros // 10**6 // DAY,
+                )
+            ),
+            equal_to(
+                [
+                    ("1.jsonl", 1, 1000),
+                    ("2.jsonl", 1, 2000),
+                    ("2.jsonl", 2, 1500),
+                    ("3.jsonl", 2, 3000),
+                ]
+            ),
+        )
+        assert_that(
+            out.dead_letters | beam.Map(lambda d: (Path(d.source).name, d.line, d.stage)),
+            equal_to([("3.jsonl", 1, "read")]),
+            label="DeadLetters",
+        )
+    producer.join()
+    rows = query(
+        datalake, "SELECT name, state, records, run_id::text FROM landing_files ORDER BY 1"
+    )
+    assert rows == [
+        (n, "claimed", c, run_id) for n, c in (("1.jsonl", 1), ("2.jsonl", 2), ("3.jsonl", 2))
+    ]
+    assert third.exists()
+
+
+def test_the_watermark_follows_the_oldest_event_of_the_latest_file(datalake, tmp_path):
+    """The SDF itself, driven poll by poll with Beam's own tracker and estimator."""
+    run_id = postgres.start_run(datalake, "test", {})
+    directory = landing.landing_dir("reviews", tmp_path)
+    fn = FollowLandingFn(datalake, run_id, "stream", poll_interval=0.01)
+    fn.setup()
+    watch = LandingWatch(str(directory), "reviews")
+    estimator = ManualWatermarkEstimator(None)
+    restriction = LandingRestriction(frozenset())
+
+    def poll():
+        nonlocal restriction
+        tracker = ThreadsafeRestrictionTracker(LandingTracker(restriction))
+        out = list(fn.process(watch, tracker=RestrictionTrackerView(tracker), watermark=estimator))
+        restriction = tracker.deferred_status()[0]
+        return [o for o in out if not isinstance(o, beam.pvalue.TaggedOutput)]
+
+    landing.land_lines(
+        "reviews", [review("A", when=20 * DAY), review("B", when=10 * DAY)], "a.jsonl", tmp_path
+    )
+    assert len(poll()) == 2
+    assert estimator.current_watermark() == Timestamp(10 * DAY)
+    assert poll() == [] and estimator.current_watermark() == Timestamp(10 * DAY)  # idle
+    landing.land_lines("reviews", [review("C", when=5 * DAY)], "b.jsonl", tmp_path)
+    assert len(poll()) == 1 and estimator.current_watermark() == Timestamp(10 * DAY)  # late
+    landing.land_lines(
+        "reviews", [review("D", when=30 * DAY), review("E", when=25 * DAY)], "c.jsonl", tmp_path
+    )
+    assert len(poll()) == 2 and estimator.current_watermark() == Timestamp(25 * DAY)
+    assert restriction.in_flight == {"a.jsonl", "b.jsonl", "c.jsonl"}  # none settled yet
+    fn.teardown()
+
+
+def test_the_tracker_only_splits_at_checkpoints():
+    tracker = LandingTracker(LandingRestriction(frozenset({"a"}), 0.0))
+    assert tracker.try_split(0.5) is None
+    primary, residual = tracker.try_split(0)
+    assert primary.finished and not residual.finished and residual.in_flight == {"a"}
+    assert not tracker.try_claim(landing._END)
+    tracker.check_done()
+
+
+# --- the stream pipeline -------------------------------------------------------------
+
+
+def test_stream_lands_every_record_once_and_a_restart_reads_only_unfinished_files(
+    datalake, tmp_path
+):
+    root = tmp_path / "landing"
+    early = landing.land_lines(
+        "reviews",
+        [review("A", "P1", 100 * DAY + 10), review("B", "P1", 100 * DAY + 20, 2.0), "not json"],
+        "1.jsonl",
+        root,
+    )
+    producer = land_after_claims(
+        datalake,
+        root,
+        [
+            (
+                early,
+                (
+                    "2.jsonl",
+                    [review("C", "P2", 101 * DAY), META_2018, review("A", "P1", 100 * DAY + 10)],
+                ),
+            )
+        ],
+        state="done",  # the first file is settled while the stream runs, not at its end
+    )
+    argv = ["--dsn", datalake, "--landing", str(root), *FAST]
+    first = stream.run(argv)
+    producer.join()
+    assert "FnApiRunner" in first.runner or "Prism" in first.runner
+    assert first.records == 6 and (first.upserted, first.dead_letters) == (4, 2)
+    assert first.counters["landing_records_settled"] == 6
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(3,)]  # A sent twice: one row
+    assert query(datalake, "SELECT name, state, records FROM landing_files ORDER BY 1") == [
+        ("1.jsonl", "done", 3),
+        ("2.jsonl", "done", 3),
+    ]
+    # Windows fire on this runner when the stream stops (the source's watermark is held).
+    stats = query(
+        datalake,
+        "SELECT asin, window_start::date::text, reviews, mean_rating, emotions"
+        " FROM review_stats ORDER BY 1",
+    )
+    # A was sent twice: one row in reviews, one review in its window.
+    assert stats == [("P1", "1970-04-11", 2, 3.0, None), ("P2", "1970-04-12", 1, 4.0, None)]
+
+    # A crashed run left a claim on a newer file, and half its dead letters.
+    crashed = postgres.start_run(datalake, "stream", {})
+    postgres.finish_run(datalake, crashed, "FAILED", None, {})
+    orphan = landing.land_lines(
+        "reviews", [review("E", "P1", 100 * DAY + 30, 5.0), "{broken"], "3.jsonl", root
+    )
+    with postgres.connect(datalake) as conn:
+        conn.execute(
+            "INSERT INTO landing_files (dataset, name, path, bytes, state, run_id)"
+            " VALUES ('reviews', '3.jsonl', %s, 1, 'claimed', %s)",
+            (str(orphan), crashed),
+        )
+        conn.execute(
+            "INSERT INTO dead_letters (pipeline, stage, source, line, raw, error, run_id)"
+            " VALUES ('stream', 'parse', %s, 2, '{broken', 'x', %s)",
+            (str(orphan), crashed),
+        )
+    second = stream.run(argv)
+    assert second.counters.get("files_read") == 1 and second.records == 2
+    assert second.counters.get("landing_files_taken_over") == 1
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(4,)]
+    assert query(
+        datalake,
+        "SELECT name, state, attempts, run_id::text FROM landing_files WHERE name = '3.jsonl'",
+    ) == [("3.jsonl", "done", 2, second.run_id)]
+    assert query(
+        datalake, "SELECT run_id::text FROM dead_letters WHERE source = %s", (str(orphan),)
+    ) == [(second.run_id,)]
+    # E falls in the window the first run wrote: the row has all three reviews.
+    assert query(datalake, "SELECT reviews, mean_rating FROM review_stats WHERE asin = 'P1'") == [
+        (3, pytest.approx(11 / 3))
+    ]
+
+    third = stream.run(argv)
+    assert third.records == 0 and third.counters.get("files_read", 0) == 0
+    assert query(datalake, "SELECT count(*) FROM dead_letters") == [(3,)]
+
+
+def test_the_stream_runs_on_the_portable_runner(datalake, tmp_path, job_endpoint):
+    """The Fn API path Flink and Prism take: Beam's job service, LOOPBACK workers."""
+    root = tmp_path / "landing"
+    first = landing.land_lines("reviews", [review("A", "P1"), "junk"], "1.jsonl", root)
+    producer = land_after_claims(datalake, root, [(first, ("2.jsonl", [review("B", "P1", 7)]))])
+    portable = ["--runner", "PortableRunner", "--job_endpoint", job_endpoint]
+    summary = stream.run(
+        [
+            "--dsn",
+            datalake,
+            "--landing",
+            str(root),
+            *FAST,
+            *portable,
+            "--environment_type",
+            "LOOPBACK",
+        ]
+    )
+    producer.join()
+    assert summary.runner.startswith("PortableRunner")
+    assert (summary.records, summary.upserted, summary.dead_letters) == (3, 2, 1)
+    assert query(datalake, "SELECT state, count(*) FROM landing_files GROUP BY 1") == [("done", 2)]
+    assert query(datalake, "SELECT sum(reviews) FROM review_stats") == [(2,)]
+
+
+def test_replay_streams_a_file_at_the_rate_with_its_own_lineage(datalake, tmp_path):
+    path = tmp_path / "meta_Gift_Cards.json"
+    lines = [META_2018.replace("B001GXRQW0", f"B{i:09d}") for i in range(20)] + ["oops"]
+    path.write_text("\n".join(lines) + "\n")
+    started = time.monotonic()
+    summary = stream.run(
+        ["--dsn", datalake, "--dataset", "products", "--replay", str(path), "--rate", "40"]
+    )
+    assert time.monotonic() - started >= 0.5  # 21 records at 40/s
+    assert summary.table == "products" and summary.records == 21
+    assert (summary.upserted, summary.dead_letters) == (20, 1)
+    assert query(datalake, "SELECT min(line), max(line), min(source) FROM products") == [
+        (1, 20, str(path))
+    ]
+    assert query(datalake, "SELECT count(*) FROM landing_files") == [(0,)]
+
+
+def test_long_streams_survive_the_fnapi_runners_metric_merging():
+    """One merge per bundle: thousands of bundles must not nest thousands deep."""
+    from apache_beam.metrics.monitoring_infos import consolidate
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    def merged_per_bundle(merge, bundles: int = 3000) -> list:
+        infos: object = []
+        for _ in range(bundles):
+            infos = merge(itertools.chain([], infos))
+        return list(infos)
+
+    with pytest.raises(RecursionError):  # what Beam 2.77 does on its own
+        merged_per_bundle(consolidate)
+    stream.merge_fnapi_metrics_eagerly()
+    assert merged_per_bundle(fn_runner.consolidate_monitoring_infos) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "soon"], "--window takes a duration"),
+        (["--rate", "5"], "--rate paces a replay"),
+        (["--replay", "/nonexistent.jsonl"], "no file to replay"),
+        (["--dataset", "music"], "--dataset takes one of"),
+    ],
+)
+def test_bad_stream_options_are_one_line_errors(datalake, capsys, args, message):
+    assert cli.main(["run", "stream", "--dsn", datalake, *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+# --- windowed review stats on TestStream --------------------------------------------
+
+
+def streaming_pipeline() -> TestPipeline:
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return TestPipeline(options=options)
+
+
+def test_stats_fire_when_the_watermark_passes_and_late_data_updates_the_window():
+    window = IntervalWindow(0, 60)
+    events = (
+        test_stream.TestStream()
+        .advance_watermark_to(0)
+        .add_elements(
+            [
+                TimestampedValue(StatInput("A", "r1", 5.0, None), 10),
+                TimestampedValue(StatInput("A", "r2", 3.0, None), 20),
+                TimestampedValue(StatInput("A", "r1", 5.0, None), 15),  # sent twice: once
+                TimestampedValue(StatInput("B", "r3", 4.0, None), 30),
+                TimestampedValue(StatInput("A", "r4", 2.0, None), 70),  # the next window
+            ]
+        )
+        .advance_watermark_to(100)  # [0, 60) is complete: its on-time panes fire
+        .add_elements([TimestampedValue(StatInput("A", "r5", 1.0, None), 50)])  # late, in lateness
+        .advance_watermark_to(300)  # [0, 60) is past its lateness (60 + 120 s)
+        .add_elements([TimestampedValue(StatInput("A", "r6", 5.0, None), 40)])  # dropped
+        .advance_watermark_to_infinity()
+    )
+    with streaming_pipeline() as p:
+        rows = p | events | WindowedReviewStats(60, 120)
+        assert_that(
+            rows | beam.Map(lambda r: (r.asin, r.reviews, r.mean_rating, r.window_start.micros)),
+            equal_to_per_window(
+                {
+                    window: [("A", 2, 4.0, 0), ("B", 1, 4.0, 0), ("A", 3, 3.0, 0)],
+                    IntervalWindow(60, 120): [("A", 1, 2.0, 60 * 10**6)],
+                }
+            ),
+            reify_windows=True,
+        )
+
+
+def _review(reviewer: str, asin: str, when: int, text: str = "fine"):
+    line = json.loads(review(reviewer, asin, when))
+    line["reviewText"] = text
+    fields = decode(json.dumps(line))
+    return clean_review(ParsedRecord("f", 1, *detect(fields), fields, ""))
+
+
+def test_emotions_count_in_their_reviews_window_whatever_arrives_first():
+    first, second, third = _review("A", "P1", 10), _review("B", "P1", 20), _review("C", "P2", 30)
+    result = lambda r, label: EmotionResult(
+        r.review_id, "m", label, 0.9, {label: 0.9}
+    )  # noqa: E731
+    events = (
+        test_stream.TestStream(output_tags={"reviews", "emotions"})
+        .advance_watermark_to(0, tag="reviews")
+        .advance_watermark_to(0, tag="emotions")
+        .add_elements([result(second, "anger")], tag="emotions")  # before its review
+        .add_elements(
+            [TimestampedValue(r, r.reviewed_at) for r in (first, second, third)], tag="reviews"
+        )
+        .add_elements([result(first, "joy"), result(third, "joy")], tag="emotions")
+        .advance_watermark_to_infinity(tag="reviews")
+        .advance_watermark_to_infinity(tag="emotions")
+    )
+    with streaming_pipeline() as p:
+        streams = p | events
+        rows = {"reviews": streams["reviews"], "emotions": streams["emotions"]} | ReviewStats(60, 0)
+        assert_that(
+            rows | beam.Map(lambda r: (r.asin, r.reviews, r.mean_rating, r.emotions)),
+            equal_to([("P1", 2, 4.0, {"anger": 1, "joy": 1}), ("P2", 1, 4.0, {"joy": 1})]),
+        )
