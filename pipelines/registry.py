@@ -29,59 +29,29 @@ PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
 NEEDS_INPUT = {"reviews", "products"}
 
 
-def _generate_arguments(parser: argparse.ArgumentParser) -> None:
-    importlib.import_module("pipelines.generate").add_arguments(parser)
-
-
-def _generate_main(args: argparse.Namespace) -> int:
-    return importlib.import_module("pipelines.generate").main(args)
-
-
-def _notebook_arguments(parser: argparse.ArgumentParser) -> None:
-    importlib.import_module("pipelines.notebook").add_arguments(parser)
-
-
-def _notebook_main(args: argparse.Namespace) -> int:
-    return importlib.import_module("pipelines.notebook").main(args)
-
-
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    importlib.import_module("server.app").add_arguments(parser)
-
-
-def _serve_main(args: argparse.Namespace) -> int:
-    return importlib.import_module("server.app").main(args)
-
-
-def _stream_arguments(parser: argparse.ArgumentParser) -> None:
-    importlib.import_module("server.client").add_arguments(parser)
-
-
-def _stream_main(args: argparse.Namespace) -> int:
-    return importlib.import_module("server.client").main(args)
+def _tool(module: str, help_text: str) -> tuple[str, Callable, Callable]:
+    """A subcommand whose module (``add_arguments``, ``main``) loads only when it is used."""
+    return (
+        help_text,
+        lambda parser: importlib.import_module(module).add_arguments(parser),
+        lambda args: importlib.import_module(module).main(args),
+    )
 
 
 # Subcommands that are not pipelines: name -> (help, add_arguments, main).
 TOOLS: dict[str, tuple[str, Callable, Callable]] = {
-    "generate": (
-        "write synthetic dataset files in the real formats",
-        _generate_arguments,
-        _generate_main,
+    "generate": _tool("pipelines.generate", "write synthetic dataset files in the real formats"),
+    "notebook": _tool(
+        "pipelines.notebook", "start JupyterLab on notebooks/, connected to the datalake"
     ),
-    "notebook": (
-        "start JupyterLab on notebooks/, connected to the datalake",
-        _notebook_arguments,
-        _notebook_main,
+    "serve": _tool(
+        "server.app", "REST service: ingest NDJSON into the landing zone, start and watch jobs"
     ),
-    "serve": (
-        "REST service: ingest NDJSON into the landing zone, start and watch jobs",
-        _serve_arguments,
-        _serve_main,
+    "stream": _tool(
+        "server.client", "send a dataset file to the REST service in batches (progress, retries)"
     ),
-    "stream": (
-        "send a dataset file to the REST service in batches (progress, retries)",
-        _stream_arguments,
-        _stream_main,
+    "train-emotions": _tool(
+        "pipelines.train_emotions", "retrain the default emotion head on GoEmotions (--data DIR)"
     ),
 }
 
