@@ -1270,7 +1270,7 @@ def _images_2023(rng: random.Random) -> list:
 
 
 def _products_2023(ctx: _Context) -> Iterator[str]:
-    """2023 metadata: JSON in the official key order, ``null`` gaps, ``\\uXXXX`` escapes."""
+    """2023 metadata: JSON in the official key order, ``null`` gaps, ``\\u2019``-style escapes."""
     rng, rnd = ctx.rng, ctx.random
     pool = ctx.product_pool
     index = 0
