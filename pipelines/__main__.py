@@ -125,7 +125,8 @@ def _run(pipeline: Optional[str], argv: list[str]) -> int:
             a == "--input" or a.startswith("--input=") for a in argv
         ):
             raise UsageError(f"`run {pipeline}` needs --input PATH_OR_GLOB")
-        summaries = [module.run(registry.with_default_runner(argv))]
+        emotions = pipeline == "emotions" or "--emotions" in argv
+        summaries = [module.run(registry.with_default_runner(argv, emotions))]
     for summary in summaries:
         print(summary.format())
     return 0

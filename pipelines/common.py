@@ -215,6 +215,7 @@ def classify_emotions(
         device=emotion.device,
         max_tokens=emotion.max_tokens,
         torch_threads=emotion.torch_threads,
+        dtype=emotion.dtype,
         pipeline_name=pipeline_name,
     )
     rejected = result.emotions | "UpsertEmotions" >> UpsertToPostgres(

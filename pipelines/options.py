@@ -60,6 +60,12 @@ class EmotionOptions(PipelineOptions):
         )
         parser.add_argument("--device", default="cpu", help="cpu or cuda")
         parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=("auto", "float32", "bfloat16"),
+            help="inference precision; auto: bfloat16 where the CPU (AMX) or GPU runs it fast",
+        )
+        parser.add_argument(
             "--max_tokens", type=int, default=256, help="truncate texts to this many tokens"
         )
         parser.add_argument(

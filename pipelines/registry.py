@@ -85,12 +85,19 @@ def names() -> list[str]:
     return list(PIPELINES)
 
 
-def with_default_runner(argv: Sequence[str]) -> list[str]:
-    """Add the measured default runner flags unless the user chose a runner."""
+# Emotion inference releases the GIL: two single-threaded workers sharing one model
+# measured fastest on 2 cores (bench/emotion_speed.py); 0 means one per core.
+EMOTION_WORKERS = ("--direct_num_workers", "0")
+
+
+def with_default_runner(argv: Sequence[str], emotions: bool = False) -> list[str]:
+    """Add the measured default runner flags unless the user chose them."""
     argv = list(argv)
-    if any(a == "--runner" or a.startswith("--runner=") for a in argv):
-        return argv
-    return list(DEFAULT_BEAM_ARGS) + argv
+    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        argv = list(DEFAULT_BEAM_ARGS) + argv
+    if emotions and not any(a.startswith("--direct_num_workers") for a in argv):
+        argv = list(EMOTION_WORKERS) + argv
+    return argv
 
 
 def sample_files() -> dict[str, list[str]]:
@@ -114,7 +121,7 @@ def run_samples(argv: Sequence[str]) -> list:
     for name, files in sample_files().items():
         inputs = [arg for f in files for arg in ("--input", f)]
         summaries.append(PIPELINES[name]().run(with_default_runner(list(argv) + inputs)))
-    summaries.append(PIPELINES["emotions"]().run(with_default_runner(argv)))
+    summaries.append(PIPELINES["emotions"]().run(with_default_runner(argv, emotions=True)))
     return summaries
 
 
