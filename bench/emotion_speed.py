@@ -34,43 +34,16 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_WORKERS = ("in_memory:1x1", "in_memory:1x2", "in_memory:2x1", "multi_processing:2x1")
 
 
-def parse_line(line: str, fmt: int):
-    """A generated JSON review line -> a canonical ``Review`` (only what emotions read is real).
+def parse_line(line: str, number: int = 0):
+    """A generated review line -> a canonical ``Review``, through the project's own parse
+    and clean (so the bench feeds the model exactly what the pipelines do)."""
+    from transforms.clean import clean_review
+    from transforms.parse import decode, detect
+    from transforms.records import ParsedRecord
 
-    2023 lines carry ``title``/``text``; 2018 lines ``summary``/``reviewText``.
-    """
-    from apache_beam.utils.timestamp import Timestamp
-
-    from transforms.records import Review
-
-    raw = json.loads(line)
-    if fmt == 2023:
-        reviewer, when, title, text = (
-            raw.get(k) for k in ("user_id", "timestamp", "title", "text")
-        )
-    else:
-        reviewer, when, title, text = (
-            raw.get(k) for k in ("reviewerID", "unixReviewTime", "summary", "reviewText")
-        )
-    return Review(
-        review_id=f"{reviewer}|{raw.get('asin')}|{when}",
-        reviewer_id=str(reviewer),
-        asin=str(raw.get("asin")),
-        parent_asin=raw.get("parent_asin"),
-        reviewer_name=None,
-        rating=float(raw.get("rating") or raw.get("overall") or 0),
-        title=title,
-        text=text,
-        helpful_votes=None,
-        total_votes=None,
-        verified=None,
-        reviewed_at=Timestamp(0),
-        images=[],
-        style=None,
-        source_format=fmt,
-        source="bench",
-        line=0,
-    )
+    fields = decode(line)
+    kind, generation = detect(fields)
+    return clean_review(ParsedRecord("bench", number, kind, generation, fields, line))
 
 
 def write_input(path: Path, reviews: int, fmt: int, seed: int) -> None:
@@ -223,7 +196,7 @@ def run_profile(args: argparse.Namespace) -> dict:
     from transforms.emotion import EmotionInput, LoadedEmotionModel
 
     with open(args.input, encoding="utf-8") as handle:
-        reviews = [parse_line(line, args.format) for _, line in zip(range(args.profile), handle)]
+        reviews = [parse_line(line) for _, line in zip(range(args.profile), handle)]
     texts = [emotion.model_text(r.title, r.text) for r in reviews]
     items = [EmotionInput(str(i), None, None, t) for i, t in enumerate(texts) if t]
     model = LoadedEmotionModel(args.model, "cpu", args.max_tokens, 1, dtype=args.dtype)

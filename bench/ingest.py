@@ -23,12 +23,10 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,34 +133,13 @@ def run_step(name: str, *args) -> dict:
 # --- orchestration ------------------------------------------------------------------
 
 
-def fresh_database(server_dsn: str) -> str:
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    from connectors import postgres
-
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_conninfo(**{**conninfo_to_dict(server_dsn), "dbname": name})
-    postgres.migrate(dsn)
-    return dsn
-
-
-def drop_database(server_dsn: str, dsn: str) -> None:
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    name = conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
 def one_round(server_dsn: str, path: str, kind: str, fmt: int, extra: list[str]) -> dict:
     """(a), (b), (c), (d) once, in a fresh database."""
     import psycopg
 
-    dsn = fresh_database(server_dsn)
+    from connectors.postgres import create_database, drop_database
+
+    dsn = create_database(server_dsn, "bench")
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             columns = ", ".join(

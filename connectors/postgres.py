@@ -136,6 +136,24 @@ def redact(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**info)
 
 
+def create_database(server_dsn: str, prefix: str = "termidator") -> str:
+    """A new, migrated database on the server; its DSN (tests and benchmarks use one each)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
+    dsn = psycopg.conninfo.make_conninfo(**{**info, "dbname": name})
+    migrate(dsn)
+    return dsn
+
+
+def drop_database(server_dsn: str, dsn: str) -> None:
+    """Drop a database made by ``create_database``, closing its connections."""
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with connect(server_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 # --- schema -------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ os.environ["TERMIDATOR_HOME"] = str(_HOME)
 os.environ.pop("TERMIDATOR_DSN", None)
 
 import psycopg  # noqa: E402
-from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 from connectors import postgres  # noqa: E402
 
@@ -33,14 +31,9 @@ def server_dsn():
 @pytest.fixture
 def datalake(server_dsn):
     """A fresh, migrated database on the embedded server; its DSN."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_conninfo(**{**conninfo_to_dict(server_dsn), "dbname": name})
-    postgres.migrate(dsn)
+    dsn = postgres.create_database(server_dsn, "t")
     yield dsn
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    postgres.drop_database(server_dsn, dsn)
 
 
 def query(dsn: str, statement: str, params=None) -> list[tuple]:
