@@ -37,6 +37,9 @@ SINK_STAGE = "sink"
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_WRITE_RETRIES = 5
 LINEAGE = ("source_format", "source", "line")
+# What a row can fail with on its way in: the database's refusal, or a value that cannot
+# even be encoded for COPY (a lone surrogate from a Python-literal line, an int8 overflow).
+REJECTED_ROW_ERRORS = (psycopg.Error, UnicodeError, ValueError, TypeError, OverflowError)
 DATALAKE_TABLES = (
     "products",
     "reviews",
@@ -403,11 +406,7 @@ class CopyUpsertFn(_PostgresWriteFn):
 
     def setup(self):
         stage = f"stage_{self._spec.table}"
-        self._pg_conn = psycopg.connect(self._conninfo, autocommit=True)
-        # A crash can lose the last commits' flush, never consistency; upserts make the
-        # re-run that follows a crash harmless, and bulk loads stop waiting on fsync.
-        self._pg_conn.execute("SET synchronous_commit TO off")
-        self._pg_conn.execute(self._spec.stage_ddl(stage))
+        self._connect(stage)
         self._copy = self._spec.copy_sql(stage)
         self._upsert = self._spec.upsert_sql(stage)
         self._types = self._spec.stage_types
@@ -417,6 +416,13 @@ class CopyUpsertFn(_PostgresWriteFn):
         self._key = operator.itemgetter(*key_indexes) if key_indexes else None
         self._lineage = self._spec.lineage_index()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, f"write-{self._spec.table}")
+
+    def _connect(self, stage: str) -> None:
+        self._pg_conn = psycopg.connect(self._conninfo, autocommit=True)
+        # A crash can lose the last commits' flush, never consistency; upserts make the
+        # re-run that follows a crash harmless, and bulk loads stop waiting on fsync.
+        self._pg_conn.execute("SET synchronous_commit TO off")
+        self._pg_conn.execute(self._spec.stage_ddl(stage))
 
     def start_bundle(self):
         super().start_bundle()
@@ -464,9 +470,9 @@ class CopyUpsertFn(_PostgresWriteFn):
         rows = self._rows(batch)
         try:
             changed = self._write(rows)
-        except psycopg.Error as error:
-            if self._pg_conn.closed:
-                self.setup()
+        except REJECTED_ROW_ERRORS as error:
+            if self._pg_conn.closed:  # reconnect (the retry strategy decides what next)
+                self._connect(f"stage_{self._spec.table}")
             if self._retry_strategy.should_retry(batch[0], error):
                 return batch[0], error
             return self._find_rejected(batch, error)
@@ -513,7 +519,7 @@ class CopyUpsertFn(_PostgresWriteFn):
                     raise _Rollback
             except _Rollback:
                 batch = batch[len(batch) // 2 :]
-            except psycopg.Error as half_error:
+            except REJECTED_ROW_ERRORS as half_error:
                 batch, error = half, half_error
         try:
             with self._pg_conn.transaction():
@@ -521,7 +527,7 @@ class CopyUpsertFn(_PostgresWriteFn):
                 raise _Rollback
         except _Rollback:
             pass
-        except psycopg.Error as row_error:
+        except REJECTED_ROW_ERRORS as row_error:
             error = row_error
         return batch[0], error
 
@@ -533,7 +539,8 @@ class _Rollback(Exception):
 def _sink_dead_letter(pipeline_name: str, table: str):
     def to_dead_letter(failed: tuple[Any, Exception]) -> DeadLetter:
         record, error = failed
-        raw = orjson.dumps(record._asdict(), default=str).decode()
+        # stdlib json escapes what orjson refuses (lone surrogates): the raw row survives.
+        raw = json.dumps(record._asdict(), default=str)
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         return DeadLetter(
             pipeline_name,

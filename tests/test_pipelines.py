@@ -334,3 +334,21 @@ def test_main_job_ingests_every_bundled_sample_and_classifies_emotions(datalake)
             assert read == counters[f"{pipeline}_upserted"] + counters.get(
                 "dead_letters_upserted", 0
             )
+
+
+def test_a_value_that_cannot_even_be_encoded_is_a_dead_letter_not_a_crash(datalake):
+    """A lone surrogate (possible from a Python-literal line) cannot be sent as UTF-8."""
+    good = clean_review(ParsedRecord("f", 1, "review", 2014, json.loads(REVIEW_2014), ""))
+    with TestPipeline() as p:
+        rejected = (
+            p
+            | beam.Create([good])
+            # Made inside the fused stage: Beam's coders cannot carry it between stages.
+            | beam.FlatMap(lambda r: [r, r._replace(review_id="bad", text="x \ud800", line=2)])
+            | UpsertToPostgres(datalake, REVIEWS, "reviews")
+        )
+        assert_that(
+            rejected | beam.Map(lambda d: (d.stage, d.line, "reviews rejected the row" in d.error)),
+            equal_to([("sink", 2, True)]),
+        )
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(1,)]
