@@ -139,3 +139,28 @@ def test_no_match_is_a_clear_error(tmp_path):
         expand_inputs([str(tmp_path / "nothing*.json")])
     with pytest.raises(NoInputError, match="no input given"):
         expand_inputs([])
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_line_numbers_and_bad_bytes_survive_block_boundaries(tmp_path, monkeypatch, gz):
+    """Lines are decoded a block at a time: numbering, CRLF and a non-UTF-8 line must not
+    depend on where the (here tiny) blocks happen to end."""
+    import connectors.files as files
+
+    monkeypatch.setattr(files, "CHUNK_BYTES", 97)
+    lines = [line.encode() for line in LINES[:120]]
+    lines[7] = b""  # blank
+    lines[50] = LINES[50].encode() + b"\r"  # CRLF
+    lines[90] = '{"t": "caf\xe9"}'.encode("latin-1")  # not UTF-8
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / "blocks.json"
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+    assert list(files.iter_lines(str(path))) == list(enumerate(data.split(b"\n")[:-1], 1))
+    fn = files.ReadLinesFn("test")
+    out = list(fn.process(str(path)))
+    records = [(r.line, r.text) for r in out if not hasattr(r, "tag")]
+    dead = [(d.value.line, d.value.error.split(":")[0]) for d in out if hasattr(d, "tag")]
+    expected = [(i + 1, LINES[i]) for i in range(120) if i not in (7, 90)]  # line 51 loses its \r
+    assert records == expected
+    assert dead == [(91, "not UTF-8 text")]
