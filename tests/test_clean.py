@@ -331,3 +331,63 @@ def test_clean_products_transform():
             result.records | beam.Map(lambda r: (r.asin, r.source_format)),
             equal_to([("0000031852", 2014), ("B001GXRQW0", 2018), ("B01CUPMQZE", 2023)]),
         )
+
+
+# --- the fast path: parse vouches for lines with nothing to clean ---------------------
+
+_HAZARDS = {
+    "plain text with line breaks": ("Good.\\nVery good.", False),
+    "raw non-ASCII": ("Très bien", False),
+    "escaped non-ASCII": ("Tr\\u00e8s bien", False),
+    "entity": ("Tom &amp; Jerry", True),
+    "escaped ampersand": ("Tom \\u0026amp; Jerry", True),
+    "markup": ("Nice.<br />Really", True),
+    "escaped markup": ("Nice.\\u003cbr /\\u003eReally", True),
+    "escaped control character": ("bad\\u0003byte", True),
+    "backspace escape": ("bad\\bbyte", True),
+    "form feed escape": ("bad\\fbyte", True),
+    "raw DEL": ("bad\x7fbyte", True),
+}
+
+
+def _review_line(text: str) -> str:
+    """A 2018 review line whose reviewText is written exactly as given (already JSON-escaped)."""
+    return REVIEW_2018.replace('"reviewText": "', '"reviewText": "' + text + " ", 1)
+
+
+@pytest.mark.parametrize("name", list(_HAZARDS))
+def test_fast_path_is_taken_only_when_nothing_needs_cleaning(name):
+    from transforms.parse import parse_record
+    from transforms.records import RawRecord
+
+    text, needs_cleaning = _HAZARDS[name]
+    record = parse_record(RawRecord("f", 1, _review_line(text)))
+    assert record.needs_text_cleaning is needs_cleaning
+    # whichever path is taken, the review is the one the full cleaning makes
+    assert clean_review(record) == clean_review(record._replace(needs_text_cleaning=True))
+
+
+def test_fast_path_matches_full_cleaning_on_every_bundled_sample():
+    from pathlib import Path
+
+    from connectors.files import iter_lines
+    from transforms.parse import ParseError, parse_record
+    from transforms.records import REVIEW, RawRecord
+
+    samples = Path(__file__).resolve().parent.parent / "pipelines" / "samples"
+    fast = 0
+    for path in sorted(samples.glob("*.json*")):
+        for number, data in iter_lines(str(path)):
+            try:
+                record = parse_record(RawRecord(str(path), number, data.decode("utf-8")))
+            except (ParseError, UnicodeDecodeError):
+                continue
+            if record.kind != REVIEW:
+                continue
+            fast += not record.needs_text_cleaning
+            try:
+                expected = clean_review(record._replace(needs_text_cleaning=True))
+            except CleanError:
+                continue
+            assert clean_review(record) == expected, f"{path.name}:{number}"
+    assert fast > 50  # the fast path really ran

@@ -8,6 +8,7 @@ array with a trailing comma per line, Python's ``True`` in JSON-looking lines).
 from __future__ import annotations
 
 import ast
+import re
 from typing import Optional
 
 import apache_beam as beam
@@ -28,13 +29,35 @@ class ParseError(ValueError):
 
 def decode(text: str) -> dict:
     """Decode one line into a dict: JSON first, then a Python literal (2014 metadata)."""
+    return _decode(text)[0]
+
+
+def _decode(text: str) -> tuple[dict, bool]:
+    """(fields, whether the line was strict JSON)."""
+    strict = True
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError as json_error:
-        value = _decode_unusual(text, json_error)
+        value, strict = _decode_unusual(text, json_error), False
     if not isinstance(value, dict):
         raise ParseError(f"expected one JSON object per line, got {type(value).__name__}")
-    return value
+    return value, strict
+
+
+# JSON escapes that decode to a control character, '&' or '<'.
+_CLEANING_ESCAPE = re.compile(r"\\(?:[bf]|u00[01]|u007[fF]|u0026|u003[cC])")
+
+
+def needs_text_cleaning(line: str) -> bool:
+    """Whether any text decoded from this strict-JSON line may hold an entity, markup or
+    a control character. Strict JSON escapes every control character, so one scan of the
+    raw line stands in for scanning every decoded text (~0.6 µs instead of ~3 µs)."""
+    return (
+        "&" in line
+        or "<" in line
+        or "\x7f" in line  # the one control character JSON may leave unescaped
+        or _CLEANING_ESCAPE.search(line) is not None
+    )
 
 
 def _decode_unusual(text: str, json_error: Exception) -> object:
@@ -86,6 +109,14 @@ def detect(fields: dict) -> tuple[str, int]:
 _PIPELINE_FOR = {REVIEW: "run reviews", PRODUCT: "run products"}
 
 
+def parse_record(raw: RawRecord) -> ParsedRecord:
+    """Decode a raw line and detect its kind and generation; raises ParseError."""
+    fields, strict = _decode(raw.text)
+    kind, generation = detect(fields)
+    cleaning = not strict or needs_text_cleaning(raw.text)
+    return ParsedRecord(raw.source, raw.line, kind, generation, fields, raw.text, cleaning)
+
+
 class ParseRecordFn(beam.DoFn):
     """Decode a raw line; wrong-kind and undecodable lines become dead letters."""
 
@@ -103,12 +134,11 @@ class ParseRecordFn(beam.DoFn):
 
     def process(self, raw: RawRecord):
         try:
-            fields = decode(raw.text)
-            kind, generation = detect(fields)
-            if self._expected_kind and kind != self._expected_kind:
+            record = parse_record(raw)
+            if self._expected_kind and record.kind != self._expected_kind:
                 raise ParseError(
-                    f"this is a {kind} record ({generation} format), not a "
-                    f"{self._expected_kind}; ingest it with `{_PIPELINE_FOR[kind]}`"
+                    f"this is a {record.kind} record ({record.source_format} format), not a "
+                    f"{self._expected_kind}; ingest it with `{_PIPELINE_FOR[record.kind]}`"
                 )
         except Exception as error:  # noqa: BLE001 - every bad line becomes a dead letter
             self._rejected.inc()
@@ -125,7 +155,7 @@ class ParseRecordFn(beam.DoFn):
             )
             return
         self._parsed_in_bundle += 1
-        yield ParsedRecord(raw.source, raw.line, kind, generation, fields, raw.text)
+        yield record
 
 
 def _describe(error: Exception) -> str:

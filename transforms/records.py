@@ -35,6 +35,9 @@ class ParsedRecord(NamedTuple):
     source_format: int
     fields: dict
     raw: str
+    # False when the raw line is strict JSON with no '&', '<' or control-character
+    # escape: then no text in it needs unescaping, unmarking or control stripping.
+    needs_text_cleaning: bool = True
 
 
 class Review(NamedTuple):
