@@ -800,12 +800,14 @@ class _SettlingCopyUpsertFn(CopyUpsertFn):
         self._committed_time = committed_time
         self._settled_files = Metrics.counter(METRICS_NAMESPACE, "landing_records_settled")
 
-    def start_bundle(self):
-        super().start_bundle()
+    def setup(self):
+        # Made before the write lanes are copied from this DoFn: the lanes share the lock
+        # and the committed list; each rebinds its own tally and settled count.
         self._lock = threading.Lock()
         self._committed: list = []
         self._tally: dict[str, int] = {}
         self._done_settled = 0
+        super().setup()
 
     def _execute_batch(self, batch: list):
         if self._ledger is not None:
@@ -831,15 +833,16 @@ class _SettlingCopyUpsertFn(CopyUpsertFn):
         self._done_settled += sum(counts)
         return changed
 
-    def _count(self) -> None:
-        super()._count()
-        settled, self._done_settled = self._done_settled, 0
+    def _count(self, lane: CopyUpsertFn) -> None:
+        super()._count(lane)
+        settled, lane._done_settled = lane._done_settled, 0
         self._settled_files.inc(settled)
 
     def finish_bundle(self):
         outputs = list(super().finish_bundle() or ())
         with self._lock:
-            committed, self._committed = self._committed, []
+            committed = self._committed[:]
+            self._committed.clear()
         for record in committed:
             when = self._committed_time(record)
             value = GlobalWindows.windowed_value(record, *([when] if when is not None else []))

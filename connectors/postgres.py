@@ -8,7 +8,9 @@ one ``INSERT`` per row.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import logging
@@ -36,6 +38,8 @@ from transforms.records import DeadLetter, EmotionResult, Product, Review
 SINK_STAGE = "sink"
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_WRITE_RETRIES = 5
+# Connections a sink writes through at once: one batch's upsert overlaps the next's COPY.
+DEFAULT_WRITE_LANES = 2
 LINEAGE = ("source_format", "source", "line")
 # What a row can fail with on its way in: the database's refusal, or a value that cannot
 # even be encoded for COPY (a lone surrogate from a Python-literal line, an int8 overflow).
@@ -243,8 +247,7 @@ def _json_text(value: Any) -> Optional[str]:
     return None if value is None else orjson.dumps(value).decode()
 
 
-def _micros(value: Timestamp) -> int:
-    return value.micros
+_micros = Timestamp.micros.fget  # the property's function: one call less per row
 
 
 _JSONB = "{}::jsonb"
@@ -377,10 +380,14 @@ def dead_letter_table(run_id: Optional[str]) -> TableSpec:
 class CopyUpsertFn(_PostgresWriteFn):
     """beam-postgres' write DoFn, one binary COPY + one guarded upsert per batch.
 
-    Batches are written on a background thread while the next one fills, so the
-    database's time overlaps Python's (at most one batch in flight: memory stays
-    flat). A batch the database rejects is bisected to the offending row, which
-    comes out of the failed-rows output; the rest of the batch is written.
+    Batches are written on background threads while the next one fills, each through a
+    *write lane*: a copy of this DoFn with its own connection and temp stage. With two
+    lanes one batch's upsert overlaps the next one's COPY and Python's parsing (at most
+    ``write_lanes`` batches in flight: memory stays flat). Concurrent upserts of one key
+    are safe: row locks serialise them and the lineage guard keeps the latest record; a
+    deadlock between lanes is a transient error, retried. A batch the database rejects is
+    bisected to the offending row, which comes out of the failed-rows output; the rest
+    of the batch is written.
     """
 
     def __init__(
@@ -391,6 +398,7 @@ class CopyUpsertFn(_PostgresWriteFn):
         retry_strategy: RetryRowStrategy = RetryRowOnTransientErrorStrategy(),
         max_retries: int = DEFAULT_WRITE_RETRIES,
         max_retry_delay_secs: int = DEFAULT_MAX_RETRY_DELAY_SECS,
+        write_lanes: int = DEFAULT_WRITE_LANES,
     ):
         self._spec = spec
         super().__init__(
@@ -401,12 +409,12 @@ class CopyUpsertFn(_PostgresWriteFn):
             max_retries,
             max_retry_delay_secs,
         )
+        self._write_lanes = max(1, write_lanes)
         self._written = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}_upserted")
         self._changed = Metrics.counter(METRICS_NAMESPACE, f"{spec.table}_changed")
 
     def setup(self):
         stage = f"stage_{self._spec.table}"
-        self._connect(stage)
         self._copy = self._spec.copy_sql(stage)
         self._upsert = self._spec.upsert_sql(stage)
         self._types = self._spec.stage_types
@@ -415,7 +423,14 @@ class CopyUpsertFn(_PostgresWriteFn):
         key_indexes = [fields.index(k) for k in self._spec.key]
         self._key = operator.itemgetter(*key_indexes) if key_indexes else None
         self._lineage = self._spec.lineage_index()
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, f"write-{self._spec.table}")
+        self._lanes = [copy.copy(self) for _ in range(self._write_lanes)]
+        for lane in self._lanes:
+            lane._connect(stage)
+            lane._done_written = lane._done_changed = 0
+        self._pg_conn = self._lanes[0]._pg_conn  # what beam-postgres' teardown closes
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            self._write_lanes, f"write-{self._spec.table}"
+        )
 
     def _connect(self, stage: str) -> None:
         self._pg_conn = psycopg.connect(self._conninfo, autocommit=True)
@@ -427,42 +442,50 @@ class CopyUpsertFn(_PostgresWriteFn):
     def start_bundle(self):
         super().start_bundle()
         self._filling: list = []
-        self._in_flight: Optional[concurrent.futures.Future] = None
-        self._done_written = self._done_changed = 0
+        # (lane, its batch's future), oldest first; the other lanes are free
+        self._in_flight: collections.deque = collections.deque()
 
     def process(self, element):
         self._filling.append(element)
         if len(self._filling) < self._max_batch_size:
             return ()
-        failed = self._wait_in_flight()
-        self._rows_buffer, self._filling = self._filling, []
-        self._in_flight = self._writer.submit(lambda: list(self._flush_batch()))
+        failed = []
+        if len(self._in_flight) == len(self._lanes):
+            failed = self._wait_oldest()
+        busy = [lane for lane, _ in self._in_flight]
+        lane = next(lane for lane in self._lanes if lane not in busy)
+        lane._rows_buffer, self._filling = self._filling, []
+        self._in_flight.append((lane, self._writer.submit(_flush_lane, lane)))
         return failed
 
     def finish_bundle(self):
-        failed = self._wait_in_flight()
+        failed = []
+        while self._in_flight:
+            failed += self._wait_oldest()
         if self._filling:
-            self._rows_buffer, self._filling = self._filling, []
-            failed += list(self._flush_batch())
-        self._count()
+            lane = self._lanes[0]
+            lane._rows_buffer, self._filling = self._filling, []
+            failed += list(lane._flush_batch())
+            self._count(lane)
         return failed
 
     def teardown(self):
         self._writer.shutdown(wait=True)
+        for lane in self._lanes[1:]:
+            lane._pg_conn.close()
         super().teardown()
 
-    def _wait_in_flight(self) -> list:
-        """Failed rows of the batch being written (its errors are raised here)."""
-        if self._in_flight is None:
-            return []
-        failed, self._in_flight = self._in_flight.result(), None
-        self._count()
+    def _wait_oldest(self) -> list:
+        """Failed rows of the oldest batch in flight (its errors are raised here)."""
+        lane, future = self._in_flight.popleft()
+        failed = future.result()
+        self._count(lane)
         return failed
 
-    def _count(self) -> None:
-        # Beam metrics are per thread: the writer thread tallies, this thread reports.
-        written, changed = self._done_written, self._done_changed
-        self._done_written = self._done_changed = 0
+    def _count(self, lane: "CopyUpsertFn") -> None:
+        # Beam metrics are per thread: writer threads tally, this thread reports.
+        written, changed = lane._done_written, lane._done_changed
+        lane._done_written = lane._done_changed = 0
         self._written.inc(written)
         self._changed.inc(changed)
 
@@ -482,17 +505,18 @@ class CopyUpsertFn(_PostgresWriteFn):
 
     def _rows(self, batch: list) -> list[list[Any]]:
         """Rows ready for COPY; of several records with one key, the latest lineage wins."""
-        rows = []
-        for record in batch:
-            row = list(record)
-            for index, convert in self._convert:
-                if row[index] is not None:
-                    row[index] = convert(row[index])
-            rows.append(row)
+        rows = [list(record) for record in batch]
+        for index, convert in self._convert:  # column by column: one loop per converter
+            for row in rows:
+                value = row[index]
+                if value is not None:
+                    row[index] = convert(value)
         if self._key is None:
             return rows
-        latest: dict[Any, list[Any]] = {}
         key, lineage = self._key, self._lineage
+        if len(set(map(key, rows))) == len(rows):  # the usual case: no key repeats
+            return rows
+        latest: dict[Any, list[Any]] = {}
         for row in rows:
             seen = latest.setdefault(key(row), row)
             if seen is not row and (lineage is None or lineage(row) >= lineage(seen)):
@@ -530,6 +554,11 @@ class CopyUpsertFn(_PostgresWriteFn):
         except REJECTED_ROW_ERRORS as row_error:
             error = row_error
         return batch[0], error
+
+
+def _flush_lane(lane: CopyUpsertFn) -> list:
+    """Write a lane's batch (beam-postgres' retry loop); its failed rows."""
+    return list(lane._flush_batch())
 
 
 class _Rollback(Exception):

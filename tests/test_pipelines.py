@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import os
 import subprocess
 import sys
@@ -202,6 +203,26 @@ def test_rows_the_database_rejects_become_dead_letters_and_the_rest_land(datalak
             equal_to([("sink", "f", 2, True)]),
         )
     assert query(datalake, "SELECT count(*) FROM reviews") == [(5,)]
+
+
+def test_concurrent_write_lanes_keep_the_latest_record_of_every_key(datalake):
+    """Batches of 7 go out on two connections at once, every key in several batches:
+    whatever order they commit in, each key ends with its latest (source, line)."""
+    base = clean_review(ParsedRecord("f", 1, "review", 2014, json.loads(REVIEW_2014), ""))
+    records = [
+        base._replace(review_id=f"k{key:02d}", title=f"line {line}", line=line)
+        for line in range(1, 201)
+        for key in [line % 40]
+    ]
+    random.Random(3).shuffle(records)
+    with TestPipeline() as p:
+        rejected = (
+            p | beam.Create(records) | UpsertToPostgres(datalake, REVIEWS, "reviews", batch_size=7)
+        )
+        assert_that(rejected, equal_to([]))
+    latest = {f"k{key:02d}": max(l for l in range(1, 201) if l % 40 == key) for key in range(40)}
+    assert dict(query(datalake, "SELECT review_id, line FROM reviews")) == latest
+    assert query(datalake, "SELECT count(*) FROM reviews WHERE title <> 'line ' || line") == [(0,)]
 
 
 @pytest.mark.parametrize("fmt", [2014, 2018, 2023])
