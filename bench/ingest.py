@@ -111,7 +111,87 @@ def step_pipeline(dsn: str, path: str, kind: str, extra: list[str]) -> dict:
     }
 
 
-STEPS = {"anchor": step_anchor, "copy": step_copy, "pipeline": step_pipeline}
+def step_unnest(dsn: str, path: str, kind: str) -> dict:
+    """(e) the same read -> parse -> clean, sunk by beam-postgres' own ``WriteToPostgres``
+    with one ``INSERT … SELECT FROM unnest(%b arrays) … ON CONFLICT`` per 10,000 rows:
+    the alternative to the COPY sink that issue #3 asks to measure."""
+    import operator
+
+    import apache_beam as beam
+    import orjson
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from beam_postgres.io.postgres import WriteToPostgres
+    from psycopg import sql
+
+    from connectors.files import ReadDataset
+    from connectors.postgres import DEFAULT_BATCH_SIZE, PRODUCTS, REVIEWS, migrate
+    from pipelines.common import bulk_garbage_collection, collect_counters
+    from transforms.clean import CleanProducts, CleanReviews
+    from transforms.parse import ParseRecords
+
+    spec, clean = (REVIEWS, CleanReviews) if kind == "reviews" else (PRODUCTS, CleanProducts)
+    migrate(dsn)
+    fields, types = spec.record_type._fields, spec.stage_types
+    lists = {i for i, t in enumerate(types) if t.endswith("[]")}  # arrays of arrays cannot
+    converters = dict(spec.converters())  # be unnested: list columns travel as JSON text
+    unnested = sql.SQL(", ").join(
+        sql.SQL("%b::text[]" if i in lists else f"%b::{t}[]") for i, t in enumerate(types)
+    )
+    columns = sql.SQL(", ").join(
+        sql.SQL(
+            "ARRAY(SELECT jsonb_array_elements_text({0}::jsonb)) AS {0}" if i in lists else "{0}"
+        ).format(sql.Identifier(name))
+        for i, name in enumerate(fields)
+    )
+    source = sql.SQL("(SELECT {} FROM unnest({}) AS u({})) AS stage").format(
+        columns, unnested, sql.SQL(", ").join(map(sql.Identifier, fields))
+    )
+    statement = spec.upsert_sql(source).as_string(None)
+    key = operator.itemgetter(*(fields.index(k) for k in spec.key))
+    lineage = spec.lineage_index()
+
+    def to_columns(batch: list) -> tuple:
+        latest: dict = {}
+        for record in batch:  # one row per key (ON CONFLICT cannot touch a row twice)
+            seen = latest.get(key(record))
+            if seen is None or lineage(record) >= lineage(seen):
+                latest[key(record)] = record
+        rows = list(latest.values())
+        out = []
+        for i in range(len(fields)):
+            values = [row[i] for row in rows]
+            if i in converters:
+                values = [None if v is None else converters[i](v) for v in values]
+            elif i in lists:
+                values = [orjson.dumps(list(v)).decode() for v in values]
+            out.append(values)
+        return tuple(out)
+
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
+    lines = pipeline | "Read" >> ReadDataset([path], spec.table)
+    parsed = lines.records | "Parse" >> ParseRecords(kind[:-1], spec.table)
+    cleaned = parsed.records | "Clean" >> clean(spec.table)
+    _ = (
+        cleaned.records
+        | "Batch"
+        >> beam.BatchElements(min_batch_size=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE)
+        | "ToColumns" >> beam.Map(to_columns)
+        | "WriteToPostgres" >> WriteToPostgres(dsn, statement, batch_size=1)
+    )
+    started = time.perf_counter()
+    with bulk_garbage_collection():
+        result = pipeline.run()
+        result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    return {"rows": collect_counters(result).get("records_read", 0), "seconds": seconds}
+
+
+STEPS = {
+    "anchor": step_anchor,
+    "copy": step_copy,
+    "pipeline": step_pipeline,
+    "unnest": step_unnest,
+}
 
 
 def run_step(name: str, *args) -> dict:
@@ -133,8 +213,10 @@ def run_step(name: str, *args) -> dict:
 # --- orchestration ------------------------------------------------------------------
 
 
-def one_round(server_dsn: str, path: str, kind: str, fmt: int, extra: list[str]) -> dict:
-    """(a), (b), (c), (d) once, in a fresh database."""
+def one_round(
+    server_dsn: str, path: str, kind: str, fmt: int, extra: list[str], unnest: bool = False
+) -> dict:
+    """(a), (b), (c), (d) once, in a fresh database; (e) in another, with ``unnest``."""
     import psycopg
 
     from connectors.postgres import create_database, drop_database
@@ -155,7 +237,13 @@ def one_round(server_dsn: str, path: str, kind: str, fmt: int, extra: list[str])
         }
     finally:
         drop_database(server_dsn, dsn)
-    for key in ("a", "b", "c", "d"):
+    if unnest:
+        dsn = create_database(server_dsn, "bench")
+        try:
+            result["e"] = run_step("unnest", dsn, path, kind)
+        finally:
+            drop_database(server_dsn, dsn)
+    for key in result:
         result[key]["rate"] = result[key]["rows"] / result[key]["seconds"]
     return result
 
@@ -163,7 +251,7 @@ def one_round(server_dsn: str, path: str, kind: str, fmt: int, extra: list[str])
 def median_round(rounds: list[dict]) -> dict:
     """Per step, the median rate (and the seconds and RSS of that same round)."""
     out = {}
-    for key in ("a", "b", "c", "d"):
+    for key in rounds[0]:
         ordered = sorted(rounds, key=lambda r: r[key]["rate"])
         out[key] = ordered[len(ordered) // 2][key]
         out[key]["rates"] = [r[key]["rate"] for r in rounds]
@@ -177,6 +265,7 @@ def report(result: dict, args: argparse.Namespace, command: str) -> str:
         "b": f"(b) {args.kind} pipeline again, all conflicts",
         "c": "(c) same-source anchor: gzip -> json.loads -> binary COPY",
         "d": "(d) raw text COPY of the cleaned rows",
+        "e": "(e) as (a), sink = beam-postgres WriteToPostgres, %b unnest arrays",
     }
     lines = [
         f"### {args.kind} x {args.count:,} ({args.format} format), {args.repeat} round(s), median",
@@ -187,7 +276,7 @@ def report(result: dict, args: argparse.Namespace, command: str) -> str:
         "| step | rows/s | seconds | peak RSS MiB | ratio to (c) | ratio to (d) |",
         "|---|---|---|---|---|---|",
     ]
-    for key in "abcd":
+    for key in sorted(result):
         step = result[key]
         lines.append(
             f"| {names[key]} | {step['rate']:,.0f} | {step['seconds']:.1f} |"
@@ -199,8 +288,14 @@ def report(result: dict, args: argparse.Namespace, command: str) -> str:
         f"(a)/(c) = **{a['rate'] / c['rate']:.2f}**, (b)/(c) = **{b['rate'] / c['rate']:.2f}**;"
         f" (a)/(d) = {a['rate'] / d['rate']:.2f}, (b)/(d) = {b['rate'] / d['rate']:.2f}."
         f" Pipeline rows: {a['upserted']:,} upserted + {a['dead_letters']:,} dead letters"
-        f" of {a['rows']:,} read. Rates per round: "
-        + "; ".join(f"{k} " + ", ".join(f"{r:,.0f}" for r in result[k]["rates"]) for k in "abcd"),
+        f" of {a['rows']:,} read. Per round, (a)/(c): "
+        + ", ".join(f"{x / y:.2f}" for x, y in zip(a["rates"], c["rates"]))
+        + "; (b)/(c): "
+        + ", ".join(f"{x / y:.2f}" for x, y in zip(b["rates"], c["rates"]))
+        + ". Rates per round: "
+        + "; ".join(
+            f"{k} " + ", ".join(f"{r:,.0f}" for r in result[k]["rates"]) for k in sorted(result)
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -216,6 +311,11 @@ def main() -> int:
     parser.add_argument("--dsn", help="server to use (default: a fresh embedded one)")
     parser.add_argument("--data", default=str(ROOT / "bench" / "out"), help="input cache dir")
     parser.add_argument("--markdown", help="append the result table to this file")
+    parser.add_argument(
+        "--unnest",
+        action="store_true",
+        help="also measure (e): the sink as beam-postgres WriteToPostgres with %%b arrays",
+    )
     parser.add_argument("pipeline_args", nargs="*", help="extra pipeline flags after --")
     args = parser.parse_args()
     args.kind = "reviews" if args.reviews else "products"
@@ -242,11 +342,18 @@ def main() -> int:
         rounds = []
         for number in range(args.repeat):
             rounds.append(
-                one_round(server_dsn, str(path), args.kind, args.format, args.pipeline_args)
+                one_round(
+                    server_dsn,
+                    str(path),
+                    args.kind,
+                    args.format,
+                    args.pipeline_args,
+                    args.unnest,
+                )
             )
             print(
                 f"round {number + 1}: "
-                + ", ".join(f"{k} {rounds[-1][k]['rate']:,.0f} rows/s" for k in "abcd"),
+                + ", ".join(f"{k} {step['rate']:,.0f} rows/s" for k, step in rounds[-1].items()),
                 file=sys.stderr,
             )
     finally:

@@ -21,7 +21,7 @@ import uuid
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import apache_beam as beam
 import orjson
@@ -326,8 +326,9 @@ class TableSpec:
             sql.SQL(", ").join(map(sql.Identifier, self.record_type._fields)),
         )
 
-    def upsert_sql(self, stage: str) -> sql.Composed:
-        """INSERT … SELECT from the stage; on key conflict update only rows that differ."""
+    def upsert_sql(self, stage: Union[str, sql.Composable]) -> sql.Composed:
+        """INSERT … SELECT from the stage (a table name, or any FROM item with the stage's
+        columns); on key conflict update only rows that differ."""
         select = [
             sql.SQL(cast).format(sql.Identifier(name)) for name, _, cast, _ in self._field_types()
         ] + [sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(t)) for _, t, v in self.constants]
@@ -336,7 +337,7 @@ class TableSpec:
             target,
             sql.SQL(", ").join(map(sql.Identifier, self.columns)),
             sql.SQL(", ").join(select),
-            sql.Identifier(stage),
+            sql.Identifier(stage) if isinstance(stage, str) else stage,
         )
         if not self.key:
             return statement
