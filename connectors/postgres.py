@@ -428,7 +428,6 @@ class CopyUpsertFn(_PostgresWriteFn):
         for lane in self._lanes:
             lane._connect(stage)
             lane._done_written = lane._done_changed = 0
-        self._pg_conn = self._lanes[0]._pg_conn  # what beam-postgres' teardown closes
         self._writer = concurrent.futures.ThreadPoolExecutor(
             self._write_lanes, f"write-{self._spec.table}"
         )
@@ -471,10 +470,11 @@ class CopyUpsertFn(_PostgresWriteFn):
         return failed
 
     def teardown(self):
-        self._writer.shutdown(wait=True)
-        for lane in self._lanes[1:]:
-            lane._pg_conn.close()
-        super().teardown()
+        if getattr(self, "_writer", None) is not None:
+            self._writer.shutdown(wait=True)
+        for lane in getattr(self, "_lanes", ()):  # setup may have failed part way
+            if getattr(lane, "_pg_conn", None) is not None:
+                lane._pg_conn.close()
 
     def _wait_oldest(self) -> list:
         """Failed rows of the oldest batch in flight (its errors are raised here)."""
