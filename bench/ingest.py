@@ -115,8 +115,6 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
     """(e) the same read -> parse -> clean, sunk by beam-postgres' own ``WriteToPostgres``
     with one ``INSERT … SELECT FROM unnest(%b arrays) … ON CONFLICT`` per 10,000 rows:
     the alternative to the COPY sink that issue #3 asks to measure."""
-    import operator
-
     import apache_beam as beam
     import orjson
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -133,8 +131,7 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
     migrate(dsn)
     fields, types = spec.record_type._fields, spec.stage_types
     lists = {i for i, t in enumerate(types) if t.endswith("[]")}  # arrays of arrays cannot
-    converters = dict(spec.converters())  # be unnested: list columns travel as JSON text
-    unnested = sql.SQL(", ").join(
+    unnested = sql.SQL(", ").join(  # be unnested: list columns travel as JSON text
         sql.SQL("%b::text[]" if i in lists else f"%b::{t}[]") for i, t in enumerate(types)
     )
     columns = sql.SQL(", ").join(
@@ -147,25 +144,13 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
         columns, unnested, sql.SQL(", ").join(map(sql.Identifier, fields))
     )
     statement = spec.upsert_sql(source).as_string(None)
-    key = operator.itemgetter(*(fields.index(k) for k in spec.key))
-    lineage = spec.lineage_index()
 
     def to_columns(batch: list) -> tuple:
-        latest: dict = {}
-        for record in batch:  # one row per key (ON CONFLICT cannot touch a row twice)
-            seen = latest.get(key(record))
-            if seen is None or lineage(record) >= lineage(seen):
-                latest[key(record)] = record
-        rows = list(latest.values())
-        out = []
-        for i in range(len(fields)):
-            values = [row[i] for row in rows]
-            if i in converters:
-                values = [None if v is None else converters[i](v) for v in values]
-            elif i in lists:
-                values = [orjson.dumps(list(v)).decode() for v in values]
-            out.append(values)
-        return tuple(out)
+        """The COPY sink's own rows (converted, one per key), as one array per column."""
+        columns = [list(column) for column in zip(*spec.copy_rows(batch))]
+        for i in lists:
+            columns[i] = [orjson.dumps(list(v)).decode() for v in columns[i]]
+        return tuple(columns)
 
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
     lines = pipeline | "Read" >> ReadDataset([path], spec.table)

@@ -307,9 +307,29 @@ class TableSpec:
     def stage_types(self) -> list[str]:
         return [t for _, t, _, _ in self._field_types()]
 
-    def converters(self) -> list[tuple[int, Callable[[Any], Any]]]:
-        """(index, converter) for the fields that need one before binary COPY."""
-        return [(i, f[3]) for i, f in enumerate(self._field_types()) if f[3] is not None]
+    def copy_rows(self, records: Sequence[Any]) -> list[list[Any]]:
+        """Records as rows ready for the stage; of several with one key, the latest
+        lineage wins (one statement cannot upsert a key twice)."""
+        rows = [list(record) for record in records]
+        for index, (_, _, _, convert) in enumerate(self._field_types()):
+            if convert is not None:  # column by column: one loop per converter
+                for row in rows:
+                    value = row[index]
+                    if value is not None:
+                        row[index] = convert(value)
+        if not self.key:
+            return rows
+        fields = self.record_type._fields
+        key = operator.itemgetter(*(fields.index(k) for k in self.key))
+        if len(set(map(key, rows))) == len(rows):  # the usual case: no key repeats
+            return rows
+        lineage = self.lineage_index()
+        latest: dict[Any, list[Any]] = {}
+        for row in rows:
+            seen = latest.setdefault(key(row), row)
+            if seen is not row and (lineage is None or lineage(row) >= lineage(seen)):
+                latest[key(row)] = row
+        return list(latest.values())
 
     def stage_ddl(self, stage: str) -> sql.Composed:
         cols = [
@@ -419,11 +439,6 @@ class CopyUpsertFn(_PostgresWriteFn):
         self._copy = self._spec.copy_sql(stage)
         self._upsert = self._spec.upsert_sql(stage)
         self._types = self._spec.stage_types
-        self._convert = self._spec.converters()
-        fields = self._spec.record_type._fields
-        key_indexes = [fields.index(k) for k in self._spec.key]
-        self._key = operator.itemgetter(*key_indexes) if key_indexes else None
-        self._lineage = self._spec.lineage_index()
         self._lanes = [copy.copy(self) for _ in range(self._write_lanes)]
         for lane in self._lanes:
             lane._connect(stage)
@@ -491,7 +506,7 @@ class CopyUpsertFn(_PostgresWriteFn):
         self._changed.inc(changed)
 
     def _execute_batch(self, batch: list) -> Optional[tuple[Any, psycopg.Error]]:
-        rows = self._rows(batch)
+        rows = self._spec.copy_rows(batch)
         try:
             changed = self._write(rows)
         except REJECTED_ROW_ERRORS as error:
@@ -503,26 +518,6 @@ class CopyUpsertFn(_PostgresWriteFn):
         self._done_written += len(batch)
         self._done_changed += changed
         return None
-
-    def _rows(self, batch: list) -> list[list[Any]]:
-        """Rows ready for COPY; of several records with one key, the latest lineage wins."""
-        rows = [list(record) for record in batch]
-        for index, convert in self._convert:  # column by column: one loop per converter
-            for row in rows:
-                value = row[index]
-                if value is not None:
-                    row[index] = convert(value)
-        if self._key is None:
-            return rows
-        key, lineage = self._key, self._lineage
-        if len(set(map(key, rows))) == len(rows):  # the usual case: no key repeats
-            return rows
-        latest: dict[Any, list[Any]] = {}
-        for row in rows:
-            seen = latest.setdefault(key(row), row)
-            if seen is not row and (lineage is None or lineage(row) >= lineage(seen)):
-                latest[key(row)] = row
-        return list(latest.values())
 
     def _write(self, rows: list[list[Any]]) -> int:
         with self._pg_conn.transaction():
@@ -540,7 +535,7 @@ class CopyUpsertFn(_PostgresWriteFn):
             half = batch[: len(batch) // 2]
             try:
                 with self._pg_conn.transaction():
-                    self._write(self._rows(half))
+                    self._write(self._spec.copy_rows(half))
                     raise _Rollback
             except _Rollback:
                 batch = batch[len(batch) // 2 :]
@@ -548,7 +543,7 @@ class CopyUpsertFn(_PostgresWriteFn):
                 batch, error = half, half_error
         try:
             with self._pg_conn.transaction():
-                self._write(self._rows(batch))
+                self._write(self._spec.copy_rows(batch))
                 raise _Rollback
         except _Rollback:
             pass

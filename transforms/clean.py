@@ -162,16 +162,20 @@ def _whole_seconds(seconds: int) -> tuple[Timestamp, int]:
     return Timestamp(micros=seconds * 1_000_000), seconds * 1_000_000
 
 
-def review_time(seconds: Any = None, date_text: Any = None, millis: Any = None) -> Timestamp:
-    """Review time as a UTC Timestamp: epoch seconds, epoch millis, or "MM D, YYYY"."""
+def review_time(
+    seconds: Any = None, date_text: Any = None, millis: Any = None
+) -> tuple[Timestamp, int]:
+    """Review time as (UTC Timestamp, epoch micros): from epoch seconds, epoch millis, or
+    "MM D, YYYY"."""
     if type(seconds) is int and seconds > 0 and millis is None:  # 2014/2018: the usual case
-        return _whole_seconds(seconds)[0]
+        return _whole_seconds(seconds)
     for value, scale in ((millis, 1000), (seconds, 1)):
         number = parse_float(value)
         if number is not None and number > 0:
             if scale == 1000 and number < 1e11:  # a 2023 copy written in seconds
                 scale = 1
-            return Timestamp(micros=int(round(number * 1_000_000 / scale)))
+            micros = int(round(number * 1_000_000 / scale))
+            return Timestamp(micros=micros), micros
     if isinstance(date_text, str):
         match = _REVIEW_DATE.match(date_text.strip())
         if match:
@@ -180,19 +184,16 @@ def review_time(seconds: Any = None, date_text: Any = None, millis: Any = None) 
                 when = datetime.datetime(year, month, day, tzinfo=datetime.timezone.utc)
             except ValueError as error:
                 raise CleanError(f"bad reviewTime {date_text!r}: {error}") from None
-            return Timestamp.from_utc_datetime(when)
+            timestamp = Timestamp.from_utc_datetime(when)
+            return timestamp, timestamp.micros
     raise CleanError(
         f"no review time: unixReviewTime/timestamp {seconds or millis!r}, "
         f"reviewTime {date_text!r}"
     )
 
 
-def review_id(reviewer_id: str, asin: str, reviewed_at: Timestamp) -> str:
-    """Stable key for (reviewer, product, time), so duplicate records collapse."""
-    return _review_key(reviewer_id, asin, reviewed_at.micros)
-
-
-def _review_key(reviewer_id: str, asin: str, micros: int) -> str:
+def review_id(reviewer_id: str, asin: str, micros: int) -> str:
+    """Stable key for (reviewer, product, time in epoch micros), so duplicates collapse."""
     key = f"{reviewer_id}\x1f{asin}\x1f{micros}".encode()
     return hashlib.blake2b(key, digest_size=12).hexdigest()
 
@@ -345,7 +346,7 @@ def clean_review(record: ParsedRecord) -> Review:
         reviewer = required_id(f, "user_id")
         asin = required_id(f, "asin", "parent_asin")
         parent = clean_label(f.get("parent_asin"))
-        when = review_time(millis=f.get("timestamp") or f.get("sort_timestamp"))
+        when, micros = review_time(millis=f.get("timestamp") or f.get("sort_timestamp"))
         helpful = parse_count(f.get("helpful_vote", f.get("helpful_votes")))
         images = _urls(
             [
@@ -355,7 +356,7 @@ def clean_review(record: ParsedRecord) -> Review:
             ]
         )
         return Review(
-            review_id(reviewer, asin, when),
+            review_id(reviewer, asin, micros),
             reviewer,
             asin,
             parent,
@@ -375,12 +376,7 @@ def clean_review(record: ParsedRecord) -> Review:
         )
     reviewer = required_id(f, "reviewerID")
     asin = required_id(f, "asin")
-    seconds = f.get("unixReviewTime")
-    if type(seconds) is int and seconds > 0:  # the usual case
-        when, micros = _whole_seconds(seconds)
-    else:
-        when = review_time(seconds=seconds, date_text=f.get("reviewTime"))
-        micros = when.micros
+    when, micros = review_time(seconds=f.get("unixReviewTime"), date_text=f.get("reviewTime"))
     if record.source_format == 2014:
         helpful_votes, total_votes = _helpful_pair(f.get("helpful"))
         verified, images, style = None, [], None
@@ -390,7 +386,7 @@ def clean_review(record: ParsedRecord) -> Review:
         verified = parse_bool(f.get("verified"))
         images, style = _urls(f.get("image")), clean_style(f.get("style"))
     return Review(
-        _review_key(reviewer, asin, micros),
+        review_id(reviewer, asin, micros),
         reviewer,
         asin,
         None,
