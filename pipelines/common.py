@@ -81,6 +81,11 @@ class RunSummary:
                 f"into review_emotions ({self.counters.get('emotion_skipped_no_text', 0):,}"
                 " reviews without text skipped)"
             )
+        elif self.table == "review_emotions" and self.counters.get("emotion_skipped_no_text"):
+            lines.append(  # read = upserted + dead letters + these
+                f"  skipped       {self.counters['emotion_skipped_no_text']:>12,}   "
+                "reviews without text (nothing to classify)"
+            )
         if self.dead_letters:
             lines.append(f"  see: SELECT * FROM dead_letters WHERE run_id = '{self.run_id}'")
         return "\n".join(lines)

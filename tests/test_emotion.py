@@ -321,3 +321,18 @@ def test_model_text_and_handler_settings():
     handler = EmotionModelHandler(min_batch_size=3, max_batch_size=5)
     assert handler.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 5}
     assert not handler.share_model_across_processes()  # one copy per process, shared by threads
+
+
+def test_emotions_summary_accounts_for_reviews_without_text():
+    """read = upserted + dead letters + skipped: the summary says where every review went."""
+    from pipelines.common import RunSummary
+
+    counters = {
+        "records_read": 161,
+        "emotion_reviews": 161,
+        "review_emotions_upserted": 158,
+        "emotion_skipped_no_text": 3,
+    }
+    text = RunSummary("emotions", "id", "FnApiRunner", "DONE", counters, 1.0, "review_emotions")
+    lines = text.format().splitlines()
+    assert any(line.split()[:2] == ["skipped", "3"] for line in lines), lines
