@@ -7,11 +7,14 @@ In one run, against one database server, for the same generated gzip JSON-lines 
       append only, no cleaning, into an empty copy of the table without keys;
   (d) raw text COPY of the same cleaned rows, already in memory, into an empty copy
       of the table (with its keys).
+Optional: (e) ``--unnest``, the sink as beam-postgres' ``WriteToPostgres``; (f)-(h)
+``--ceilings``, the pipeline's Python half and the sink's database half measured alone,
+which bound what (a) and (b) can reach on this machine.
 Each step runs in its own process, so its peak RSS is its own. Prints rows/s, the
 ratios of (a) and (b) to (c) and (d), peak RSS and the runner; ``--markdown`` appends
 the table to a results file.
 
-    python bench/ingest.py --reviews 500000 [--format 2018] [--repeat 3]
+    python bench/ingest.py --reviews 500000 [--format 2018] [--repeat 3] [--ceilings]
 """
 
 from __future__ import annotations
@@ -111,24 +114,52 @@ def step_pipeline(dsn: str, path: str, kind: str, extra: list[str]) -> dict:
     }
 
 
+def _cleaned_records(pipeline, path: str, kind: str):
+    """The pipeline's own read -> parse -> clean of one file: (its table spec, the records)."""
+    from connectors.files import ReadDataset
+    from connectors.postgres import PRODUCTS, REVIEWS
+    from transforms.clean import CleanProducts, CleanReviews
+    from transforms.parse import ParseRecords
+
+    spec, clean = (REVIEWS, CleanReviews) if kind == "reviews" else (PRODUCTS, CleanProducts)
+    lines = pipeline | "Read" >> ReadDataset([path], spec.table)
+    parsed = lines.records | "Parse" >> ParseRecords(kind[:-1], spec.table)
+    return spec, (parsed.records | "Clean" >> clean(spec.table)).records
+
+
+def _run_timed(pipeline) -> dict:
+    """Run a bench pipeline the way ``execute`` does; rows read and seconds."""
+    from pipelines.common import bulk_garbage_collection, collect_counters
+
+    started = time.perf_counter()
+    with bulk_garbage_collection():
+        result = pipeline.run()
+        result.wait_until_finish()
+    seconds = time.perf_counter() - started
+    return {"rows": collect_counters(result).get("records_read", 0), "seconds": seconds}
+
+
+def _bench_pipeline():
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
+
+
 def step_unnest(dsn: str, path: str, kind: str) -> dict:
     """(e) the same read -> parse -> clean, sunk by beam-postgres' own ``WriteToPostgres``
     with one ``INSERT … SELECT FROM unnest(%b arrays) … ON CONFLICT`` per 10,000 rows:
     the alternative to the COPY sink that issue #3 asks to measure."""
     import apache_beam as beam
     import orjson
-    from apache_beam.options.pipeline_options import PipelineOptions
     from beam_postgres.io.postgres import WriteToPostgres
     from psycopg import sql
 
-    from connectors.files import ReadDataset
-    from connectors.postgres import DEFAULT_BATCH_SIZE, PRODUCTS, REVIEWS, migrate
-    from pipelines.common import bulk_garbage_collection, collect_counters
-    from transforms.clean import CleanProducts, CleanReviews
-    from transforms.parse import ParseRecords
+    from connectors.postgres import DEFAULT_BATCH_SIZE, migrate
 
-    spec, clean = (REVIEWS, CleanReviews) if kind == "reviews" else (PRODUCTS, CleanProducts)
     migrate(dsn)
+    pipeline = _bench_pipeline()
+    spec, cleaned = _cleaned_records(pipeline, path, kind)
     fields, types = spec.record_type._fields, spec.stage_types
     lists = {i for i, t in enumerate(types) if t.endswith("[]")}  # arrays of arrays cannot
     unnested = sql.SQL(", ").join(  # be unnested: list columns travel as JSON text
@@ -152,23 +183,89 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
             columns[i] = [orjson.dumps(list(v)).decode() for v in columns[i]]
         return tuple(columns)
 
-    pipeline = beam.Pipeline(options=PipelineOptions(["--runner", "FnApiRunner"]))
-    lines = pipeline | "Read" >> ReadDataset([path], spec.table)
-    parsed = lines.records | "Parse" >> ParseRecords(kind[:-1], spec.table)
-    cleaned = parsed.records | "Clean" >> clean(spec.table)
     _ = (
-        cleaned.records
+        cleaned
         | "Batch"
         >> beam.BatchElements(min_batch_size=DEFAULT_BATCH_SIZE, max_batch_size=DEFAULT_BATCH_SIZE)
         | "ToColumns" >> beam.Map(to_columns)
         | "WriteToPostgres" >> WriteToPostgres(dsn, statement, batch_size=1)
     )
-    started = time.perf_counter()
-    with bulk_garbage_collection():
-        result = pipeline.run()
-        result.wait_until_finish()
-    seconds = time.perf_counter() - started
-    return {"rows": collect_counters(result).get("records_read", 0), "seconds": seconds}
+    return _run_timed(pipeline)
+
+
+def step_python(path: str, kind: str) -> dict:
+    """(f) the pipeline's read -> parse -> clean with every record dropped: how fast its
+    Python half runs when the sink costs nothing (a ceiling for (a) and (b))."""
+    import apache_beam as beam
+
+    pipeline = _bench_pipeline()
+    _, cleaned = _cleaned_records(pipeline, path, kind)
+    _ = cleaned | "Drop" >> beam.Filter(lambda record: False)
+    return _run_timed(pipeline)
+
+
+def step_database(dsn: str, path: str, kind: str) -> dict:
+    """(g) the sink's own statements (stage COPY + guarded upsert, 10,000 rows a batch,
+    one connection) for records cleaned beforehand, untimed: how fast the database half
+    runs when Python costs little. Run on an empty table, then again on the full one.
+    Reports the server backend's CPU per row where /proc shows it (a local server)."""
+    import gc
+
+    import psycopg
+
+    from connectors.files import iter_lines
+    from connectors.postgres import DEFAULT_BATCH_SIZE, PRODUCTS, REVIEWS
+    from pipelines.common import bulk_garbage_collection
+    from transforms.clean import CLEANERS, CleanError
+    from transforms.parse import ParseError, parse_record
+    from transforms.records import RawRecord
+
+    spec = REVIEWS if kind == "reviews" else PRODUCTS
+    clean = CLEANERS[kind[:-1]]
+    records = []
+    for number, data in iter_lines(path):
+        if data.strip():
+            try:
+                records.append(clean(parse_record(RawRecord(path, number, data.decode()))))
+            except (ParseError, CleanError):
+                pass
+    gc.freeze()  # the prepared records are not garbage: keep the collector off them
+    stage = f"stage_{spec.table}"
+    result = {"rows": len(records)}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET synchronous_commit TO off")  # as the sink does
+        conn.execute(spec.stage_ddl(stage))
+        copy_sql, upsert, types = spec.copy_sql(stage), spec.upsert_sql(stage), spec.stage_types
+        for table_state in ("empty", "full"):
+            cpu_before = _backend_cpu_s(conn)
+            started = time.perf_counter()
+            with bulk_garbage_collection():
+                for first in range(0, len(records), DEFAULT_BATCH_SIZE):
+                    rows = spec.copy_rows(records[first : first + DEFAULT_BATCH_SIZE])
+                    with conn.transaction(), conn.cursor() as cur:
+                        with cur.copy(copy_sql) as copy:
+                            copy.set_types(types)
+                            for row in rows:
+                                copy.write_row(row)
+                        cur.execute(upsert)
+            seconds = time.perf_counter() - started
+            cpu_after = _backend_cpu_s(conn)
+            result[f"seconds_{table_state}"] = seconds
+            result[f"backend_us_{table_state}"] = (
+                None if cpu_before is None else (cpu_after - cpu_before) / len(records) * 1e6
+            )
+    result["seconds"] = result["seconds_empty"]
+    return result
+
+
+def _backend_cpu_s(conn) -> "float | None":
+    """CPU seconds the connection's server process has used (Linux, local server only)."""
+    try:
+        with open(f"/proc/{conn.info.backend_pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 STEPS = {
@@ -176,6 +273,8 @@ STEPS = {
     "copy": step_copy,
     "pipeline": step_pipeline,
     "unnest": step_unnest,
+    "python": step_python,
+    "database": step_database,
 }
 
 
@@ -199,9 +298,16 @@ def run_step(name: str, *args) -> dict:
 
 
 def one_round(
-    server_dsn: str, path: str, kind: str, fmt: int, extra: list[str], unnest: bool = False
+    server_dsn: str,
+    path: str,
+    kind: str,
+    fmt: int,
+    extra: list[str],
+    unnest: bool = False,
+    ceilings: bool = False,
 ) -> dict:
-    """(a), (b), (c), (d) once, in a fresh database; (e) in another, with ``unnest``."""
+    """(a), (b), (c), (d) once, in a fresh database; (e) in another, with ``unnest``;
+    with ``ceilings``, (f) and (g)/(h), the latter in a database of its own."""
     import psycopg
 
     from connectors.postgres import create_database, drop_database
@@ -228,6 +334,19 @@ def one_round(
             result["e"] = run_step("unnest", dsn, path, kind)
         finally:
             drop_database(server_dsn, dsn)
+    if ceilings:
+        result["f"] = run_step("python", path, kind)
+        dsn = create_database(server_dsn, "bench")
+        try:
+            database = run_step("database", dsn, path, kind)
+        finally:
+            drop_database(server_dsn, dsn)
+        for key, state in (("g", "empty"), ("h", "full")):
+            result[key] = dict(
+                database,
+                seconds=database[f"seconds_{state}"],
+                backend_us=database[f"backend_us_{state}"],
+            )
     for key in result:
         result[key]["rate"] = result[key]["rows"] / result[key]["seconds"]
     return result
@@ -251,6 +370,9 @@ def report(result: dict, args: argparse.Namespace, command: str) -> str:
         "c": "(c) same-source anchor: gzip -> json.loads -> binary COPY",
         "d": "(d) raw text COPY of the cleaned rows",
         "e": "(e) as (a), sink = beam-postgres WriteToPostgres, %b unnest arrays",
+        "f": "(f) Python half alone: read -> parse -> clean in Beam, records dropped",
+        "g": "(g) database half alone: the sink's COPY + upsert of prepared rows, empty",
+        "h": "(h) the same on the full table (all conflicts)",
     }
     lines = [
         f"### {args.kind} x {args.count:,} ({args.format} format), {args.repeat} round(s), median",
@@ -283,7 +405,31 @@ def report(result: dict, args: argparse.Namespace, command: str) -> str:
         ),
         "",
     ]
+    if "f" in result:
+        lines += [_ceilings(result), ""]
     return "\n".join(lines)
+
+
+def _ceilings(result: dict) -> str:
+    """What (f), (g) and (h) say about the CPU each row needs against what 0.7x (c) allows."""
+    target = 0.7 * result["c"]["rate"]
+    python_us = 1e6 / result["f"]["rate"]
+    text = (
+        f"Ceilings: the Python half alone (f) runs at {result['f']['rate'] / result['c']['rate']:.2f}"
+        f" of (c) ({python_us:.1f} µs/row, before any sink work); the database half alone at"
+        f" {result['g']['rate'] / result['c']['rate']:.2f} of (c) on an empty table and"
+        f" {result['h']['rate'] / result['c']['rate']:.2f} on the full one."
+        f" At 0.7x (c) = {target:,.0f} rows/s a row has {1e6 / target:.1f} µs of wall,"
+        f" {os.cpu_count() or 1}x that of CPU over this machine's cores."
+    )
+    if result["g"].get("backend_us") is not None:
+        text += (
+            f" The server spends {result['g']['backend_us']:.1f} µs of CPU per row on an empty"
+            f" table and {result['h']['backend_us']:.1f} on the full one: with (f), a row of (a)"
+            f" needs {python_us + result['g']['backend_us']:.1f} µs of CPU and a row of (b)"
+            f" {python_us + result['h']['backend_us']:.1f}, before the sink's own Python."
+        )
+    return text
 
 
 def main() -> int:
@@ -300,6 +446,11 @@ def main() -> int:
         "--unnest",
         action="store_true",
         help="also measure (e): the sink as beam-postgres WriteToPostgres with %%b arrays",
+    )
+    parser.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="also measure (f) the Python half and (g)/(h) the database half alone",
     )
     parser.add_argument("pipeline_args", nargs="*", help="extra pipeline flags after --")
     args = parser.parse_args()
@@ -334,6 +485,7 @@ def main() -> int:
                     args.format,
                     args.pipeline_args,
                     args.unnest,
+                    args.ceilings,
                 )
             )
             print(
@@ -347,7 +499,10 @@ def main() -> int:
 
             postgres.stop_embedded(home)
             shutil.rmtree(home, ignore_errors=True)
-    command = "python bench/ingest.py " + " ".join(sys.argv[1:])
+    from connectors.postgres import redact
+
+    shown = [redact(arg) if arg == args.dsn else arg for arg in sys.argv[1:]]
+    command = "python bench/ingest.py " + " ".join(shown)  # no password in a results file
     text = report(median_round(rounds), args, command)
     print(text)
     if args.markdown:
