@@ -211,10 +211,14 @@ def step_database(dsn: str, path: str, kind: str) -> dict:
     Reports the server backend's CPU per row where /proc shows it (a local server)."""
     import gc
 
-    import psycopg
-
     from connectors.files import iter_lines
-    from connectors.postgres import DEFAULT_BATCH_SIZE, PRODUCTS, REVIEWS
+    from connectors.postgres import (
+        DEFAULT_BATCH_SIZE,
+        PRODUCTS,
+        REVIEWS,
+        connect_stage,
+        write_through_stage,
+    )
     from pipelines.common import bulk_garbage_collection
     from transforms.clean import CLEANERS, CleanError
     from transforms.parse import ParseError, parse_record
@@ -231,23 +235,16 @@ def step_database(dsn: str, path: str, kind: str) -> dict:
                 pass
     gc.freeze()  # the prepared records are not garbage: keep the collector off them
     stage = f"stage_{spec.table}"
+    statements = spec.copy_sql(stage), spec.stage_types, spec.upsert_sql(stage)
     result = {"rows": len(records)}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET synchronous_commit TO off")  # as the sink does
-        conn.execute(spec.stage_ddl(stage))
-        copy_sql, upsert, types = spec.copy_sql(stage), spec.upsert_sql(stage), spec.stage_types
+    with connect_stage(dsn, spec, stage) as conn:
         for table_state in ("empty", "full"):
             cpu_before = _backend_cpu_s(conn)
             started = time.perf_counter()
             with bulk_garbage_collection():
                 for first in range(0, len(records), DEFAULT_BATCH_SIZE):
                     rows = spec.copy_rows(records[first : first + DEFAULT_BATCH_SIZE])
-                    with conn.transaction(), conn.cursor() as cur:
-                        with cur.copy(copy_sql) as copy:
-                            copy.set_types(types)
-                            for row in rows:
-                                copy.write_row(row)
-                        cur.execute(upsert)
+                    write_through_stage(conn, *statements, rows)
             seconds = time.perf_counter() - started
             cpu_after = _backend_cpu_s(conn)
             result[f"seconds_{table_state}"] = seconds

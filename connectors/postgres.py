@@ -448,11 +448,7 @@ class CopyUpsertFn(_PostgresWriteFn):
         )
 
     def _connect(self, stage: str) -> None:
-        self._pg_conn = psycopg.connect(self._conninfo, autocommit=True)
-        # A crash can lose the last commits' flush, never consistency; upserts make the
-        # re-run that follows a crash harmless, and bulk loads stop waiting on fsync.
-        self._pg_conn.execute("SET synchronous_commit TO off")
-        self._pg_conn.execute(self._spec.stage_ddl(stage))
+        self._pg_conn = connect_stage(self._conninfo, self._spec, stage)
 
     def start_bundle(self):
         super().start_bundle()
@@ -520,14 +516,7 @@ class CopyUpsertFn(_PostgresWriteFn):
         return None
 
     def _write(self, rows: list[list[Any]]) -> int:
-        with self._pg_conn.transaction():
-            with self._pg_conn.cursor() as cur:
-                with cur.copy(self._copy) as copy:
-                    copy.set_types(self._types)
-                    for row in rows:
-                        copy.write_row(row)
-                cur.execute(self._upsert)
-                return max(cur.rowcount, 0)
+        return write_through_stage(self._pg_conn, self._copy, self._types, self._upsert, rows)
 
     def _find_rejected(self, batch: list, error: psycopg.Error) -> tuple[Any, psycopg.Error]:
         """Bisect a rejected batch down to one row the database refuses, and its error."""
@@ -550,6 +539,35 @@ class CopyUpsertFn(_PostgresWriteFn):
         except REJECTED_ROW_ERRORS as row_error:
             error = row_error
         return batch[0], error
+
+
+def connect_stage(conninfo: str, spec: TableSpec, stage: str) -> psycopg.Connection:
+    """A sink's connection: autocommit, asynchronous commit, the table's temp stage made."""
+    conn = psycopg.connect(conninfo, autocommit=True)
+    # A crash can lose the last commits' flush, never consistency; upserts make the
+    # re-run that follows a crash harmless, and bulk loads stop waiting on fsync.
+    conn.execute("SET synchronous_commit TO off")
+    conn.execute(spec.stage_ddl(stage))
+    return conn
+
+
+def write_through_stage(
+    conn: psycopg.Connection,
+    copy_sql: sql.Composable,
+    types: Sequence[str],
+    upsert: sql.Composable,
+    rows: Sequence[Sequence[Any]],
+) -> int:
+    """One batch in one transaction: binary COPY of ``TableSpec.copy_rows`` into the stage,
+    then the guarded upsert; returns the rows inserted or changed."""
+    with conn.transaction():
+        with conn.cursor() as cur:
+            with cur.copy(copy_sql) as copy:
+                copy.set_types(types)
+                for row in rows:
+                    copy.write_row(row)
+            cur.execute(upsert)
+            return max(cur.rowcount, 0)
 
 
 def _flush_lane(lane: CopyUpsertFn) -> list:
