@@ -195,7 +195,7 @@ def bulk_garbage_collection(threshold: int = 50_000):
         gc.set_threshold(*previous)
 
 
-_CLEANERS = {REVIEW: CleanReviews, PRODUCT: CleanProducts}
+CLEAN_TRANSFORMS = {REVIEW: CleanReviews, PRODUCT: CleanProducts}
 
 
 def ingest(
@@ -215,7 +215,7 @@ def ingest(
     title = kind.capitalize() + "s"
     lines = pipeline | f"Read{title}" >> ReadDataset(inputs, name)
     parsed = lines.records | f"Parse{title}" >> ParseRecords(kind, name)
-    cleaned = parsed.records | f"Clean{title}" >> _CLEANERS[kind](name)
+    cleaned = parsed.records | f"Clean{title}" >> CLEAN_TRANSFORMS[kind](name)
     rejected = cleaned.records | f"Upsert{title}" >> UpsertToPostgres(dsn, spec, name, batch_size)
     return cleaned.records, [
         lines.dead_letters,
@@ -225,15 +225,13 @@ def ingest(
     ]
 
 
-def classify_emotions(
-    reviews: beam.PCollection, options: PipelineOptions, dsn: str, pipeline_name: str
-) -> list[beam.PCollection]:
-    """Reviews -> emotions upserted into ``review_emotions``; returns the dead letters."""
-    from transforms.emotion import ClassifyEmotions  # torch loads only when emotions run
+def emotion_classifier(options: PipelineOptions, pipeline_name: str) -> beam.PTransform:
+    """``ClassifyEmotions`` as the run's ``EmotionOptions`` configure it (torch loads only
+    when emotions run)."""
+    from transforms.emotion import ClassifyEmotions
 
     emotion = options.view_as(EmotionOptions)
-    batch_size = options.view_as(DatalakeOptions).batch_size
-    result = reviews | "ClassifyEmotions" >> ClassifyEmotions(
+    return ClassifyEmotions(
         model=emotion.model,
         device=emotion.device,
         max_tokens=emotion.max_tokens,
@@ -241,6 +239,14 @@ def classify_emotions(
         dtype=emotion.dtype,
         pipeline_name=pipeline_name,
     )
+
+
+def classify_emotions(
+    reviews: beam.PCollection, options: PipelineOptions, dsn: str, pipeline_name: str
+) -> list[beam.PCollection]:
+    """Reviews -> emotions upserted into ``review_emotions``; returns the dead letters."""
+    batch_size = options.view_as(DatalakeOptions).batch_size
+    result = reviews | "ClassifyEmotions" >> emotion_classifier(options, pipeline_name)
     rejected = result.emotions | "UpsertEmotions" >> UpsertToPostgres(
         dsn, REVIEW_EMOTIONS, pipeline_name, batch_size
     )

@@ -39,11 +39,10 @@ from connectors.landing import (
     UpsertAndSettle,
     WriteDeadLettersAndSettle,
 )
-from connectors.postgres import PRODUCTS, REVIEWS, WriteDeadLetters
-from pipelines.common import RunSummary, execute
+from connectors.postgres import PRODUCTS, REVIEW_EMOTIONS, REVIEWS, WriteDeadLetters
+from pipelines.common import CLEAN_TRANSFORMS, RunSummary, emotion_classifier, execute
 from pipelines.options import DatalakeOptions, EmotionOptions, StreamOptions
 from pipelines.registry import UsageError
-from transforms.clean import CleanProducts, CleanReviews
 from transforms.parse import METRICS_NAMESPACE, ParseRecords
 from transforms.records import PRODUCT, REVIEW, DeadLetter
 
@@ -282,11 +281,10 @@ class _AttachEmotionToReview(beam.DoFn):
 
 
 def _expects_emotion(review) -> bool:
-    """Whether ClassifyEmotions will classify this review (it skips reviews without text)."""
-    try:
-        from transforms.emotion import model_text
-    except ImportError:  # the join then keeps every review until its expiry
-        return True
+    """Whether ClassifyEmotions will classify this review (it skips reviews without text).
+    Imported here: transforms.emotion loads torch, which a stream without emotions skips."""
+    from transforms.emotion import model_text
+
     return model_text(review.title, review.text) is not None
 
 
@@ -514,26 +512,10 @@ def _drain_on_interrupt() -> Iterator[list[bool]]:
 # --- the pipeline ------------------------------------------------------------------
 
 
-_CLEANERS = {REVIEW: CleanReviews, PRODUCT: CleanProducts}
-
-
 def _classify_emotions(reviews, options: PipelineOptions, dsn: str, batch_size: int):
     """Reviews -> emotions upserted; returns (the committed results, [dead letters])."""
-    try:
-        from connectors.postgres import REVIEW_EMOTIONS
-        from transforms import emotion as emotion_step
-    except ImportError as error:
-        raise UsageError(f"--emotions needs the emotion step ({error}); run without it") from None
-    emotion = options.view_as(EmotionOptions)
-    result = reviews | "ClassifyEmotions" >> emotion_step.ClassifyEmotions(
-        model=emotion.model,
-        device=emotion.device,
-        max_tokens=emotion.max_tokens,
-        torch_threads=emotion.torch_threads,
-        pipeline_name=NAME,
-    )
-    emotions = result[getattr(emotion_step, "EMOTIONS", "emotions")]  # the main output
-    written = emotions | "UpsertEmotions" >> UpsertAndSettle(
+    result = reviews | "ClassifyEmotions" >> emotion_classifier(options, NAME)
+    written = result.emotions | "UpsertEmotions" >> UpsertAndSettle(
         dsn, REVIEW_EMOTIONS, NAME, batch_size, committed_time=_no_time
     )
     return written["committed"], [result.dead_letters, written["rejected"]]
@@ -601,7 +583,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, dsn: str, run_id: s
     # Every sink of a landed file's records settles it in landing_files (not a replay).
     ledger = None if settings.replay else Ledger(settings.dataset, run_id)
     parsed = source.records | "Parse" >> ParseRecords(kind, NAME)
-    cleaned = parsed.records | "Clean" >> _CLEANERS[kind](NAME)
+    cleaned = parsed.records | "Clean" >> CLEAN_TRANSFORMS[kind](NAME)
     written = cleaned.records | "Upsert" >> UpsertAndSettle(
         dsn,
         spec,
