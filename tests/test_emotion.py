@@ -336,3 +336,31 @@ def test_emotions_summary_accounts_for_reviews_without_text():
     text = RunSummary("emotions", "id", "FnApiRunner", "DONE", counters, 1.0, "review_emotions")
     lines = text.format().splitlines()
     assert any(line.split()[:2] == ["skipped", "3"] for line in lines), lines
+
+
+def test_a_lone_surrogate_in_a_python_literal_line_cannot_stop_an_inline_emotion_run(
+    tiny, datalake, tmp_path
+):
+    """Python literals may hold a lone surrogate, which Beam's coders, Postgres and the
+    tokenizer all refuse: parse makes it U+FFFD, so the review lands and gets its emotion."""
+    from conftest import query
+    from pipelines import reviews as reviews_pipeline
+
+    good = json.dumps(
+        {"reviewerID": "A1", "asin": "B1", "reviewText": "I love it", "overall": 5.0,
+         "helpful": [0, 0], "summary": "ok", "unixReviewTime": 1400000000}
+    )  # fmt: skip
+    literal = (
+        "{'reviewerID': 'A2', 'asin': 'B1', 'helpful': [0, 0], 'reviewText': 'bad \\ud800 text',"
+        " 'overall': 4.0, 'summary': 'meh', 'unixReviewTime': 1400000000}"
+    )
+    path = tmp_path / "reviews.json"
+    path.write_text(good + "\n" + literal + "\n")
+    summary = reviews_pipeline.run(
+        ["--dsn", datalake, "--input", str(path), "--emotions", "--model", tiny]
+    )
+    assert summary.state == "DONE" and (summary.upserted, summary.dead_letters) == (2, 0)
+    assert query(datalake, "SELECT text FROM reviews WHERE reviewer_id = 'A2'") == [
+        ("bad \ufffd text",)
+    ]
+    assert query(datalake, "SELECT count(*) FROM review_emotions") == [(2,)]

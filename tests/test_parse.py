@@ -83,6 +83,21 @@ def test_python_true_in_a_json_looking_line_is_accepted():
     assert decode('{"reviewerID": "A", "verified": True}')["verified"] is True
 
 
+def test_surrogate_escapes_become_valid_unicode():
+    """Strict JSON refuses a lone surrogate escape and Python accepts it; what comes out
+    is valid Unicode either way: a pair is joined, a lone half is U+FFFD."""
+    line = r"""{'reviewerID': 'A', 'reviewText': 'bad \ud800 text \ud83d\ude00', 'n': ['\udc00', r'\ud800']}"""
+    assert decode(line) == {
+        "reviewerID": "A",
+        "reviewText": "bad \ufffd text \U0001f600",
+        "n": ["\ufffd", "\\ud800"],  # a raw string holds the escape as text
+    }
+    assert (
+        decode(r'{"reviewText": "lone \udc00 half", "overall": 5}')["reviewText"]
+        == "lone \ufffd half"
+    )
+
+
 def test_json_array_wrapping_with_trailing_comma():
     """Quirk 12: copies wrapped in a JSON array, one record per line ending in a comma."""
     assert decode(REVIEW_2023 + ",")["user_id"] == "AGKHLEW2SOWHNMFQIJGBECAF7INQ"

@@ -60,6 +60,23 @@ def needs_text_cleaning(line: str) -> bool:
     )
 
 
+# A UTF-16 surrogate written as an escape: strict JSON refuses a lone one, Python does not.
+_SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F]")
+
+
+def _valid_unicode(value: object) -> object:
+    """Strings of a Python literal as valid Unicode: surrogate pairs (JSON-style escapes)
+    joined, a lone surrogate replaced by U+FFFD. No UTF-8 consumer (Beam's coders,
+    Postgres, the tokenizer) accepts a lone surrogate; the raw line keeps the original."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_valid_unicode(k): _valid_unicode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_valid_unicode(v) for v in value)
+    return value
+
+
 def _decode_unusual(text: str, json_error: Exception) -> object:
     """Decode what strict JSON rejects: Python literals, array-wrapped lines."""
     stripped = text.strip()
@@ -71,9 +88,11 @@ def _decode_unusual(text: str, json_error: Exception) -> object:
             pass
     if stripped.startswith("{") and stripped.endswith("}"):
         try:
-            return ast.literal_eval(stripped)
+            value = ast.literal_eval(stripped)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
             pass
+        else:
+            return _valid_unicode(value) if _SURROGATE_ESCAPE.search(stripped) else value
     if not stripped.endswith("}"):
         raise ParseError(f"truncated or malformed record (not JSON: {json_error})")
     raise ParseError(f"neither JSON nor a Python literal ({json_error})")
