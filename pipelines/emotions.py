@@ -32,10 +32,14 @@ class StoredReview(NamedTuple):
 
 
 def unclassified_query(model: str, limit: Optional[int]) -> str:
-    """Reviews with no emotions yet for ``model``, in key order (stable with --limit)."""
+    """Reviews with text and no emotions yet for ``model``, in key order (stable with
+    --limit). Reviews without text (cleaning stores blank text as NULL) are left out: they
+    never get an emotion row, so they would be read again by every run and could fill
+    every --limit window."""
     query = sql.SQL(
-        "SELECT review_id, title, text, source, line FROM reviews r WHERE NOT EXISTS"
-        " (SELECT 1 FROM review_emotions e WHERE e.review_id = r.review_id AND e.model = {})"
+        "SELECT review_id, title, text, source, line FROM reviews r WHERE r.text IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM review_emotions e"
+        " WHERE e.review_id = r.review_id AND e.model = {})"
         " ORDER BY review_id"
     ).format(sql.Literal(model))
     if limit is not None:
@@ -43,8 +47,11 @@ def unclassified_query(model: str, limit: Optional[int]) -> str:
     return query.as_string(None)
 
 
+_RECORDS_READ = Metrics.counter(METRICS_NAMESPACE, "records_read")
+
+
 def _count_read(review: StoredReview) -> StoredReview:
-    Metrics.counter(METRICS_NAMESPACE, "records_read").inc()
+    _RECORDS_READ.inc()
     return review
 
 

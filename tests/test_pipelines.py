@@ -305,6 +305,21 @@ def test_emotions_pipeline_classifies_each_review_once(datalake, dataset):
     assert (second.records, second.upserted) == (0, 0)
 
 
+def test_emotions_pipeline_does_not_reread_reviews_without_text(datalake, tmp_path):
+    """They never get an emotion row: read again by every run, they could fill every
+    --limit window and the run would never move on."""
+    fields = json.loads(REVIEW_2018)
+    lines = [
+        json.dumps({**fields, "reviewerID": f"NOTEXT{i}", "reviewText": " "}) for i in range(3)
+    ]
+    lines.append(REVIEW_2018)
+    reviews.run(["--dsn", datalake, "--input", write_lines(tmp_path / "r.jsonl", lines)])
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(4,)]
+    first = emotions.run(["--dsn", datalake, "--limit", "1"])
+    assert (first.records, first.upserted) == (1, 1)
+    assert emotions.run(["--dsn", datalake]).records == 0
+
+
 def test_reviews_with_emotions_classifies_inline(datalake, dataset):
     summary = reviews.run(
         ["--dsn", datalake, "--input", str(dataset / "All_Beauty*"), "--emotions"],
