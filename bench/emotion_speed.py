@@ -38,12 +38,10 @@ def parse_line(line: str, number: int = 0):
     """A generated review line -> a canonical ``Review``, through the project's own parse
     and clean (so the bench feeds the model exactly what the pipelines do)."""
     from transforms.clean import clean_review
-    from transforms.parse import decode, detect
-    from transforms.records import ParsedRecord
+    from transforms.parse import parse_record
+    from transforms.records import RawRecord
 
-    fields = decode(line)
-    kind, generation = detect(fields)
-    return clean_review(ParsedRecord("bench", number, kind, generation, fields, line))
+    return clean_review(parse_record(RawRecord("bench", number, line)))
 
 
 def write_input(path: Path, reviews: int, fmt: int, seed: int) -> None:
@@ -129,14 +127,13 @@ def run_config(args: argparse.Namespace) -> dict:
     options = PipelineOptions(
         direct_running_mode=mode, direct_num_workers=workers, pickle_library="cloudpickle"
     )
-    fmt = args.format
     started = time.perf_counter()
     with _PeakRss() as rss:
         pipeline = beam.Pipeline(runner=FnApiRunner(), options=options)
         result_pcolls = (
             pipeline
             | "Read" >> beam.io.ReadFromText(args.input)
-            | "Parse" >> beam.Map(parse_line, fmt)
+            | "Parse" >> beam.Map(parse_line)
             | "ClassifyEmotions"
             >> ClassifyEmotions(
                 model=args.model,
@@ -241,7 +238,6 @@ def _child(args: argparse.Namespace, extra: Sequence[str], source: Optional[str]
         os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     )
     cmd = [sys.executable, __file__, *extra, "--input", source or args.input]
-    cmd += ["--format", str(args.format)]
     cmd += ["--model", args.model, "--max-tokens", str(args.max_tokens)]
     cmd += [
         "--min-batch-size",
