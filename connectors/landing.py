@@ -816,9 +816,11 @@ class _SettlingCopyUpsertFn(CopyUpsertFn):
             )
             self._tally = dict(names)  # what the batch's committing write settles
         outcome = super()._execute_batch(batch)
-        if outcome is None and self._committed_time is not None:
-            with self._lock:
-                self._committed.extend(batch)
+        if outcome is None:  # committed (a bisect's trial writes were rolled back)
+            self._done_settled += sum(self._tally.values())
+            if self._committed_time is not None:
+                with self._lock:
+                    self._committed.extend(batch)
         return outcome
 
     def _write(self, rows: list) -> int:
@@ -830,7 +832,6 @@ class _SettlingCopyUpsertFn(CopyUpsertFn):
             self._pg_conn.execute(
                 _SETTLE_SQL, (names, counts, self._ledger.dataset, self._ledger.run_id)
             )
-        self._done_settled += sum(counts)
         return changed
 
     def _count(self, lane: CopyUpsertFn) -> None:

@@ -203,6 +203,21 @@ def test_the_tracker_only_splits_at_checkpoints():
 # --- the stream pipeline -------------------------------------------------------------
 
 
+def test_a_row_the_database_rejects_is_settled_once_as_a_dead_letter(datalake, tmp_path):
+    """The sink bisects a batch with a rejected row in trial transactions; only what is
+    committed counts as settled, so the counter agrees with landing_files."""
+    root = tmp_path / "landing"
+    too_many_votes = json.loads(review("X"))
+    too_many_votes["vote"] = "3000000000"  # a count, but past the integer column's range
+    lines = [review(f"R{i}") for i in range(6)] + [json.dumps(too_many_votes)]
+    landing.land_lines("reviews", lines, "1.jsonl", root)
+    summary = stream.run(["--dsn", datalake, "--landing", str(root), *FAST])
+    assert (summary.records, summary.upserted, summary.dead_letters) == (7, 6, 1)
+    assert query(datalake, "SELECT stage FROM dead_letters") == [("sink",)]
+    assert query(datalake, "SELECT state, records, settled FROM landing_files") == [("done", 7, 7)]
+    assert summary.counters["landing_records_settled"] == 7
+
+
 def test_stream_lands_every_record_once_and_a_restart_reads_only_unfinished_files(
     datalake, tmp_path
 ):
