@@ -46,9 +46,9 @@ from connectors.postgres import (
     dead_letter_table,
     termidator_home,
 )
-from transforms.clean import clean_review
+from transforms.clean import review_event_time
 from transforms.parse import DEAD_LETTERS, METRICS_NAMESPACE, decode, detect
-from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, RawRecord
+from transforms.records import PRODUCT, REVIEW, DeadLetter
 
 DATASETS: Mapping[str, str] = {"reviews": REVIEW, "products": PRODUCT}
 SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
@@ -216,16 +216,17 @@ def backlog(dsn: str, root: Optional[Path] = None) -> dict[str, dict[str, Any]]:
 
 
 def event_time(text: str) -> Optional[Timestamp]:
-    """The review time of a raw review line, exactly as cleaning computes it; else None.
+    """The review time of a raw review line, read as cleaning reads it; else None.
 
-    Products carry no event time, and a line that will be a dead letter has none either.
+    Products carry no event time, nor does a line whose time cannot be read (it will be
+    a dead letter): only the time fields are cleaned, not the whole review.
     """
     try:
         fields = decode(text)
         kind, generation = detect(fields)
         if kind != REVIEW:
             return None
-        return clean_review(ParsedRecord("", 0, kind, generation, fields, text)).reviewed_at
+        return review_event_time(fields, generation)[0]
     except Exception:  # noqa: BLE001 - the parse and clean stages report why, downstream
         return None
 

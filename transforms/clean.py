@@ -192,6 +192,14 @@ def review_time(
     )
 
 
+def review_event_time(fields: Mapping[str, Any], generation: int) -> tuple[Timestamp, int]:
+    """A review's time (Timestamp, epoch micros) from its fields: the one place each
+    generation's time fields are read (cleaning, and the streaming source's event time)."""
+    if generation == 2023:
+        return review_time(millis=fields.get("timestamp") or fields.get("sort_timestamp"))
+    return review_time(seconds=fields.get("unixReviewTime"), date_text=fields.get("reviewTime"))
+
+
 def review_id(reviewer_id: str, asin: str, micros: int) -> str:
     """Stable key for (reviewer, product, time in epoch micros), so duplicates collapse."""
     key = f"{reviewer_id}\x1f{asin}\x1f{micros}".encode()
@@ -346,7 +354,7 @@ def clean_review(record: ParsedRecord) -> Review:
         reviewer = required_id(f, "user_id")
         asin = required_id(f, "asin", "parent_asin")
         parent = clean_label(f.get("parent_asin"))
-        when, micros = review_time(millis=f.get("timestamp") or f.get("sort_timestamp"))
+        when, micros = review_event_time(f, 2023)
         helpful = parse_count(f.get("helpful_vote", f.get("helpful_votes")))
         images = _urls(
             [
@@ -376,7 +384,7 @@ def clean_review(record: ParsedRecord) -> Review:
         )
     reviewer = required_id(f, "reviewerID")
     asin = required_id(f, "asin")
-    when, micros = review_time(seconds=f.get("unixReviewTime"), date_text=f.get("reviewTime"))
+    when, micros = review_event_time(f, record.source_format)
     if record.source_format == 2014:
         helpful_votes, total_votes = _helpful_pair(f.get("helpful"))
         verified, images, style = None, [], None
