@@ -433,34 +433,39 @@ async def _ingest(
     body = request.stream()
     if stored is not None:
         return await _replay(settings, body, stored, gzipped)
-    work = ingest.NdjsonIngest(dataset, directory, name, gzipped, settings.limits)
-    try:
+    work = None
+    try:  # to the last step: a failure leaves nothing half-landed and the key free again
+        work = ingest.NdjsonIngest(dataset, directory, name, gzipped, settings.limits)
         async for chunk in body:
             if chunk:
                 await run_in_threadpool(work.feed, chunk)
         await run_in_threadpool(work.finish)
-    except BaseException as error:  # nothing half-landed, and the key is free again
-        work.abort()
+        file = await run_in_threadpool(work.commit)
+        answer = work.answer(file, key)
+        # The rejected lines' dead letters and the key's answer; if this fails after the
+        # file landed, a retry (same key, same file name) lands it again and writes them.
+        await run_in_threadpool(
+            ingest.finish,
+            settings.dsn,
+            dataset,
+            key,
+            work.reader.digest,
+            202,
+            answer,
+            work.dead_letters(),
+        )
+    except BaseException as error:
+        if work is not None:
+            work.abort()  # removes the temp file; a committed file stays
         if key is not None:
-            await run_in_threadpool(ingest.release, settings.dsn, dataset, key)
+            with contextlib.suppress(Exception):  # the datalake may be what failed
+                await run_in_threadpool(ingest.release, settings.dsn, dataset, key)
         if isinstance(error, ingest.LimitExceeded):
             await _drain(body, 4 * settings.limits.max_body_bytes)
             raise ApiError(413, "payload_too_large", str(error)) from None
         if isinstance(error, ingest.BadBody):
             raise ApiError(400, "bad_body", str(error)) from None
         raise
-    file = await run_in_threadpool(work.commit)
-    answer = work.answer(file, key)
-    await run_in_threadpool(
-        ingest.finish,
-        settings.dsn,
-        dataset,
-        key,
-        work.reader.digest,
-        202,
-        answer,
-        work.dead_letters(),
-    )
     return JSONResponse(answer, 202)
 
 

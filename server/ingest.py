@@ -245,10 +245,6 @@ class KeyInProgress(Exception):
     """Another request with this Idempotency-Key is being processed (409)."""
 
 
-class KeyReused(Exception):
-    """The Idempotency-Key was used before with a different body (422)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Stored:
     """A finished request's answer, to give again to a retry."""

@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 
 import psycopg
 
+from pipelines.registry import NEEDS_INPUT
+
 ROOT = Path(__file__).resolve().parent.parent  # the project: `python -m pipelines` runs here
 QUEUED, RUNNING, DONE, FAILED, CANCELLING, CANCELLED = (
     "QUEUED",
@@ -36,7 +38,7 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLING, CANCELLED = (
 )
 FINAL = frozenset({DONE, FAILED, CANCELLED})
 _RUNNER = ("runner", "direct_num_workers", "direct_running_mode", "job_endpoint", "parallelism")
-_EMOTION = ("emotions", "model", "device", "max_tokens", "torch_threads")
+_EMOTION = ("emotions", "model", "device", "dtype", "max_tokens", "torch_threads")
 # Options a job may set, per pipeline; anything else (and --dsn) is the service's call.
 ALLOWED_OPTIONS: dict[str, frozenset] = {
     "reviews": frozenset(("batch_size", *_RUNNER, *_EMOTION)),
@@ -57,7 +59,6 @@ ALLOWED_OPTIONS: dict[str, frozenset] = {
         )
     ),
 }
-NEEDS_INPUT = frozenset({"reviews", "products"})
 _OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # After SIGINT (a stream drains, a batch run stops): SIGTERM at 30 s, SIGKILL at 40 s.
 _ESCALATION = ((30.0, signal.SIGTERM), (40.0, signal.SIGKILL))
