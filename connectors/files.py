@@ -193,14 +193,14 @@ def _decode_block(block: bytes) -> list[Union[str, "_NotText"]]:
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError:  # rare: find the guilty lines one by one
-        return [_decode(line) for line in block.split(b"\n")]
+        return [decode_line(line) for line in block.split(b"\n")]
     if "\r" in text:
         return [line.rstrip("\r") for line in text.split("\n")]
     return text.split("\n")
 
 
-def _decode(data: bytes) -> Union[str, "_NotText"]:
-    """The line as text, or a marker carrying why it is not UTF-8."""
+def decode_line(data: bytes) -> Union[str, "_NotText"]:
+    """The line as text, or a marker carrying why it is not UTF-8 and its bytes (repr)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:

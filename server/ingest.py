@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import psycopg
 from psycopg.types.json import Jsonb
 
+from connectors.files import decode_line
 from connectors.landing import DATASETS, LandingFile, new_file_name
 from connectors.postgres import _sanitise_dead_letter
 from transforms.parse import decode, detect
@@ -180,19 +181,19 @@ class NdjsonIngest:
         line = line.rstrip(b"\r")
         if not line.strip():
             return  # blank lines are skipped, as the file reader does
-        reason = self._why_not(line)
+        text = decode_line(line)
+        if type(text) is not str:  # its dead letter keeps the bytes, as the reader's does
+            self.rejections.append(Rejection(number, str(text), text.raw))
+            return
+        reason = self._why_not(text)
         if reason is None:
             self.landing.write(line + b"\n")
             self.accepted += 1
         else:
-            self.rejections.append(Rejection(number, reason, line.decode("utf-8", "replace")))
+            self.rejections.append(Rejection(number, reason, text))
 
-    def _why_not(self, line: bytes) -> Optional[str]:
+    def _why_not(self, text: str) -> Optional[str]:
         """None when the line is a record of this dataset; else the reason it is not."""
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            return f"not UTF-8 text: {error}"
         try:
             kind, generation = detect(decode(text))
         except Exception as error:  # noqa: BLE001 - ParseError and the odd decoder error

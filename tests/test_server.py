@@ -190,6 +190,10 @@ def test_ingest_lands_valid_lines_and_answers_each_rejected_line(api, datalake):
     dead = query(datalake, "SELECT pipeline, stage, line, error FROM dead_letters ORDER BY line")
     assert [(p, s, n) for p, s, n, _ in dead] == [("ingest", "ingest", n) for n in (3, 4, 5, 6)]
     assert [e for *_, e in dead] == reasons
+    # The undecodable line's bytes survive, as the file reader keeps them.
+    assert query(datalake, "SELECT raw FROM dead_letters WHERE line = 3") == [
+        (repr(b"\xff\xfe not text"),)
+    ]
     assert not [
         p for p in (api.settings.landing_root / "reviews").iterdir() if p.name.startswith(".")
     ]
