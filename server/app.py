@@ -177,8 +177,11 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def watch_jobs() -> None:
-            while True:
-                jobs.poll()
+            while True:  # off the event loop: polling starts processes and may query
+                try:
+                    await run_in_threadpool(jobs.poll)
+                except Exception:  # noqa: BLE001 - the watcher must outlive one bad poll
+                    _LOG.exception("polling the jobs failed; retrying")
                 await asyncio.sleep(0.5)
 
         watcher = asyncio.create_task(watch_jobs())

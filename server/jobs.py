@@ -235,7 +235,7 @@ class JobManager:
                     break
                 if job.state == QUEUED:
                     self._start(job)
-                    running += 1
+                    running += job.state == RUNNING
 
     def _start(self, job: Job) -> None:
         env = {
@@ -247,15 +247,20 @@ class JobManager:
         }
         env.pop("TERMIDATOR_API_TOKEN", None)  # jobs do not call the service
         with open(job.log, "ab") as log:
-            job.process = subprocess.Popen(
-                [sys.executable, "-m", "pipelines", *job.argv],
-                cwd=ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: cancel reaches its children
-            )
+            try:
+                job.process = subprocess.Popen(
+                    [sys.executable, "-m", "pipelines", *job.argv],
+                    cwd=ROOT,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: cancel reaches children
+                )
+            except OSError as error:  # it fails, said in its log; the queue moves on
+                log.write(f"cannot start the job: {error}\n".encode())
+                job.state, job.finished_at = FAILED, _now()
+                return
         job.state, job.started_at = RUNNING, _now()
 
     def _reap(self, job: Job) -> None:
