@@ -19,7 +19,7 @@ from connectors import postgres
 if TYPE_CHECKING:  # matplotlib is an optional (notebooks) dependency
     from matplotlib.axes import Axes
 
-EMOTIONS_TABLE = "review_emotions"
+EMOTIONS_TABLE = postgres.REVIEW_EMOTIONS.table
 PERIODS = ("day", "week", "month", "quarter", "year")
 # Reviews join their product by parent asin (2023) or asin (2014, 2018).
 _PRODUCT_JOIN = "LEFT JOIN products p ON p.asin = COALESCE(r.parent_asin, r.asin)"
@@ -57,9 +57,11 @@ class Datalake:
 
     def table_counts(self) -> pd.Series:
         """Rows per datalake table (those this lake's migrations have created)."""
-        known = dict.fromkeys([*postgres.DATALAKE_TABLES, EMOTIONS_TABLE])
-        tables = [table for table in known if self.has_table(table)]
-        counts = postgres.table_counts(self.dsn, tables)
+        found = self.query(
+            "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
+            (list(postgres.DATALAKE_TABLES),),
+        )
+        counts = postgres.table_counts(self.dsn, found["t"].tolist())
         return pd.Series(counts, name="rows").rename_axis("table")
 
     def rows_by_generation(self) -> pd.DataFrame:

@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     postgres.migrate(dsn)  # a fresh lake has its tables, so the notebooks can query it
     argv, env = command(args, dsn)
     print(f"datalake: {postgres.redact(dsn)}", flush=True)
-    print(f"JupyterLab: {notebook_dir(args)} on {args.ip}:{args.port}", flush=True)
-    os.chdir(notebook_dir(args))  # kernels and terminals start beside the notebooks
+    folder = notebook_dir(args)
+    print(f"JupyterLab: {folder} on {args.ip}:{args.port}", flush=True)
+    os.chdir(folder)  # kernels and terminals start beside the notebooks
     os.execve(argv[0], argv, env)
     return 0  # not reached: exec replaces the process

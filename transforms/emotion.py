@@ -96,6 +96,11 @@ def model_text(title: Optional[str], text: Optional[str]) -> Optional[str]:
     return text
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise EmotionModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype the transformer runs in; ``auto`` is bfloat16 where hardware has it.
 
@@ -105,8 +110,7 @@ def resolve_dtype(dtype: str, device: str):
     """
     import torch
 
-    if dtype not in DTYPES:
-        raise EmotionModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    _check_dtype(dtype)
     if dtype == "float32":
         return torch.float32
     if dtype == "bfloat16":
@@ -579,7 +583,6 @@ class ClassifyEmotions(beam.PTransform):
             raise EmotionModelError(
                 f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size}, {max_batch_size}"
             )
-        self.model = model
         self.pipeline_name = pipeline_name
         self.reshuffle = reshuffle
         self.handler = EmotionModelHandler(
@@ -614,5 +617,4 @@ class ClassifyEmotions(beam.PTransform):
         )
 
 
-for _record_type in (EmotionInput,):
-    beam.coders.registry.register_coder(_record_type, beam.coders.RowCoder)
+beam.coders.registry.register_coder(EmotionInput, beam.coders.RowCoder)
