@@ -231,6 +231,16 @@ def event_time(text: str) -> Optional[Timestamp]:
         return None
 
 
+def _timestamped(output: Any, landed_at: Timestamp) -> tuple[Any, Optional[Timestamp]]:
+    """A read output, timestamped: a record at its review time (else when its file
+    landed), a dead letter when its file landed; and the record's time (None for a dead
+    letter), which holds the watermark."""
+    if isinstance(output, pvalue.TaggedOutput):
+        return pvalue.TaggedOutput(output.tag, TimestampedValue(output.value, landed_at)), None
+    when = event_time(output.text) or landed_at
+    return TimestampedValue(output, when), when
+
+
 # --- FollowLanding: the unbounded source over the landing zone -------------------
 
 
@@ -270,19 +280,17 @@ class LandingTracker(RestrictionTracker):
 
     def __init__(self, restriction: LandingRestriction):
         self._restriction = restriction
-        self._stopped = restriction.finished
 
     def current_restriction(self) -> LandingRestriction:
         return self._restriction
 
     def current_progress(self) -> RestrictionProgress:
-        return RestrictionProgress(completed=0, remaining=0 if self._stopped else 1)
+        return RestrictionProgress(completed=0, remaining=0 if self._restriction.finished else 1)
 
     def try_claim(self, position: Union[_Poll, str]) -> bool:
-        if self._stopped:
+        if self._restriction.finished:
             return False
         if position == _END:
-            self._stopped = True
             self._restriction = self._restriction._replace(finished=True)
             return True
         started = self._restriction.started or position.at
@@ -295,16 +303,15 @@ class LandingTracker(RestrictionTracker):
         return True
 
     def try_split(self, fraction_of_remainder: float):
-        if self._stopped or fraction_of_remainder > 0:
+        if self._restriction.finished or fraction_of_remainder > 0:
             return None
-        self._stopped = True
         primary = self._restriction._replace(finished=True)
         residual = self._restriction._replace(finished=False)
         self._restriction = primary
         return primary, residual
 
     def check_done(self) -> None:
-        if not self._stopped:
+        if not self._restriction.finished:
             raise ValueError("FollowLanding returned without a checkpoint or the end claim")
 
     def is_bounded(self) -> bool:
@@ -522,14 +529,12 @@ class FollowLandingFn(beam.DoFn):
         count = 0
         for output in self._reader.process(landed.path):
             count += 1
-            if isinstance(output, pvalue.TaggedOutput):
-                yield pvalue.TaggedOutput(output.tag, TimestampedValue(output.value, landed_at))
-                continue
-            when = event_time(output.text) or landed_at
-            if current is not None and when < current:
-                self._behind.inc()
-            oldest = when if oldest is None or when < oldest else oldest
-            yield TimestampedValue(output, when)
+            value, when = _timestamped(output, landed_at)
+            if when is not None:
+                if current is not None and when < current:
+                    self._behind.inc()
+                oldest = when if oldest is None or when < oldest else oldest
+            yield value
         # Now the file's record count is known; it is done once that many are settled
         # (already, if the sinks were quicker than this update).
         self._connection().execute(
@@ -717,12 +722,10 @@ class ReplayFileFn(beam.DoFn):
                 if wait > 0:
                     time.sleep(wait)
             sent += 1
-            if isinstance(item, pvalue.TaggedOutput):
-                yield pvalue.TaggedOutput(item.tag, TimestampedValue(item.value, landed_at))
-                continue
-            when = event_time(item.text) or landed_at
-            oldest = when if oldest is None or when < oldest else oldest
-            yield TimestampedValue(item, when)
+            value, when = _timestamped(item, landed_at)
+            if when is not None:
+                oldest = when if oldest is None or when < oldest else oldest
+            yield value
         if oldest is not None:
             advance_watermark(watermark, oldest)
         self._cursors[(replay.path, cursor.position)] = cursor
