@@ -44,7 +44,7 @@ from pipelines.common import CLEAN_TRANSFORMS, RunSummary, emotion_classifier, e
 from pipelines.options import DatalakeOptions, EmotionOptions, StreamOptions
 from pipelines.registry import UsageError
 from transforms.parse import METRICS_NAMESPACE, ParseRecords
-from transforms.records import PRODUCT, REVIEW, DeadLetter
+from transforms.records import REVIEW, DeadLetter
 
 NAME = "stream"
 STATS_STAGE = "stats"

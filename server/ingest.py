@@ -15,12 +15,11 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from connectors.files import decode_line
 from connectors.landing import DATASETS, LandingFile, new_file_name
-from connectors.postgres import _sanitise_dead_letter
+from connectors.postgres import _sanitise_dead_letter, connect
 from transforms.parse import decode, detect
 from transforms.records import DeadLetter
 
@@ -262,7 +261,7 @@ def begin(dsn: str, dataset: str, key: str, stale_s: float) -> tuple[str, Option
     with the same file name.
     """
     name = landing_name(dataset, key)
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+    with connect(dsn, autocommit=True) as conn:
         with conn.transaction():
             inserted = conn.execute(
                 "INSERT INTO ingest_requests (dataset, idempotency_key, state, file)"
@@ -299,7 +298,7 @@ def finish(
     dead_letters: list[DeadLetter],
 ) -> None:
     """In one transaction: the rejected lines' dead letters, and the key's answer."""
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+    with connect(dsn, autocommit=True) as conn:
         with conn.transaction():
             if dead_letters:
                 with conn.cursor() as cur:
@@ -320,7 +319,7 @@ def finish(
 
 def release(dsn: str, dataset: str, key: str) -> None:
     """Forget a reservation whose request failed, so that a retry can go ahead."""
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+    with connect(dsn, autocommit=True) as conn:
         conn.execute(
             "DELETE FROM ingest_requests WHERE dataset = %s AND idempotency_key = %s"
             " AND state = 'pending'",
