@@ -204,6 +204,22 @@ def test_failed_inference_becomes_dead_letter_and_spares_batch_mates(tiny_short)
     assert counter(result, "dead_letters") == 1
 
 
+def test_a_text_the_tokenizer_refuses_fails_alone(tiny):
+    model = LoadedEmotionModel(tiny, "cpu", max_tokens=24, torch_threads=1)
+    batch = [
+        EmotionInput("ok1", None, None, "i love it"),
+        EmotionInput("bad", None, None, "lone \ud800 surrogate"),
+        EmotionInput("ok2", None, None, "terrible"),
+    ]
+    results = model.classify(batch)
+    assert [type(r).__name__ for r in results] == [
+        "EmotionResult",
+        "InferenceFailure",
+        "EmotionResult",
+    ]
+    assert results[1].item.review_id == "bad" and results[1].error
+
+
 def test_whole_failed_batch_from_run_inference_becomes_one_failure_per_review():
     batch = [EmotionInput("a", "s", 1, "x"), EmotionInput("b", "s", 2, "y")]
     try:

@@ -337,9 +337,9 @@ class LoadedEmotionModel:
         self, batch: Sequence[EmotionInput]
     ) -> list[Union[EmotionResult, InferenceFailure]]:
         """Classify a batch; an input that fails on its own becomes an InferenceFailure."""
-        ids = self.token_ids([item.text for item in batch])
-        order = sorted(range(len(batch)), key=lambda i: len(ids[i]))
         out: list[Any] = [None] * len(batch)
+        ids = self._token_ids_each(batch, out)
+        order = sorted((i for i in range(len(batch)) if out[i] is None), key=lambda i: len(ids[i]))
         for chunk in _sub_batches(order, [len(x) for x in ids]):
             try:
                 self._fill(out, chunk, batch, ids)
@@ -353,6 +353,22 @@ class LoadedEmotionModel:
                     except Exception as exc_i:
                         out[i] = InferenceFailure(batch[i], _describe(exc_i))
         return out
+
+    def _token_ids_each(self, batch: Sequence[EmotionInput], out: list) -> list[list[int]]:
+        """Token ids of the batch; if the tokenizer refuses the batch, each text alone, and
+        a text it refuses becomes an InferenceFailure in ``out`` (its ids empty)."""
+        texts = [item.text for item in batch]
+        try:
+            return self.token_ids(texts)
+        except Exception:  # noqa: BLE001 - find the culprit; its batch-mates go on
+            ids: list[list[int]] = []
+            for i, text in enumerate(texts):
+                try:
+                    ids.append(self.token_ids([text])[0])
+                except Exception as exc:  # noqa: BLE001
+                    out[i] = InferenceFailure(batch[i], _describe(exc))
+                    ids.append([])
+            return ids
 
     def _fill(self, out: list, chunk: Sequence[int], batch, ids) -> None:
         probs = self.probabilities([ids[i] for i in chunk])
