@@ -628,12 +628,20 @@ class UpsertToPostgres(beam.PTransform):
 
 
 def _sanitise_dead_letter(letter: DeadLetter) -> DeadLetter:
-    """Postgres text cannot hold NUL; keep the raw line readable instead of losing it."""
-    raw = letter.raw
-    if raw is not None and "\x00" in raw:
-        raw = raw.replace("\x00", "\\u0000")
-    error = letter.error.replace("\x00", "\\u0000")
-    return letter._replace(raw=raw, error=error)
+    """Postgres text holds neither NUL nor a lone surrogate: escape them, keeping the raw
+    line readable instead of losing it (or failing the run on it)."""
+    raw = None if letter.raw is None else _storable_text(letter.raw)
+    return letter._replace(raw=raw, error=_storable_text(letter.error))
+
+
+def _storable_text(text: str) -> str:
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: as its escape, \udXXX
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class WriteDeadLetters(beam.PTransform):

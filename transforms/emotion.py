@@ -544,7 +544,7 @@ class _RouteResults(beam.DoFn):
 
 def dead_letter(pipeline_name: str, item: EmotionInput, error: str) -> DeadLetter:
     """The dead letter of one review whose inference failed; raw = review id + text."""
-    raw = json.dumps({"review_id": item.review_id, "text": item.text}, ensure_ascii=False)
+    raw = json.dumps({"review_id": item.review_id, "text": item.text})  # escapes surrogates
     return DeadLetter(pipeline_name, STAGE, item.source, item.line, raw, error)
 
 
