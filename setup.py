@@ -11,10 +11,10 @@ setup(
     version="0.1.0",
     description="Apache Beam pipelines that turn the Amazon review datasets into a Postgres datalake",
     python_requires=">=3.11",
-    packages=["pipelines", "transforms", "connectors", "server"],
+    packages=["transforms", "connectors", "pipelines", "samples", "analysis", "training", "server"],
     package_data={
         "connectors": ["sql/*.sql"],
-        "pipelines": ["samples/*"],
+        "samples": ["*.json", "*.jsonl", "*.json.gz", "*.jsonl.gz", "README.md"],
         "transforms": ["emotion_head/*"],
     },
     install_requires=[
@@ -43,5 +43,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "black>=24", "nbclient>=0.10", "ipykernel>=6.29", "pyyaml>=6"],
     },
-    entry_points={"console_scripts": ["termidator=pipelines.__main__:main"]},
+    entry_points={"console_scripts": ["termidator=pipelines.cli:main"]},
 )

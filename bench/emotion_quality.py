@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines.train_emotions import load_split, scores  # noqa: E402
+from training.emotions import load_split, scores  # noqa: E402
 from transforms.emotion import (  # noqa: E402
     DEFAULT_MODEL,
     DTYPES,

@@ -1,6 +1,6 @@
 """Emotion speed: ``ClassifyEmotions`` in a real Beam pipeline, per worker configuration.
 
-Generates N reviews of realistic length (``pipelines.generate``), writes them to a temp
+Generates N reviews of realistic length (``samples.generate``), writes them to a temp
 JSON-lines file (not ``beam.Create``, which pickles everything), and for each
 configuration runs ReadFromText -> parse -> ClassifyEmotions on the DirectRunner's
 FnApiRunner in a child process of its own. A configuration is MODE:WxT: runner mode
@@ -46,7 +46,7 @@ def parse_line(line: str, number: int = 0):
 
 def write_input(path: Path, reviews: int, fmt: int, seed: int) -> None:
     """The generated review lines, one JSON object per line."""
-    from pipelines.generate import iter_lines
+    from samples.generate import iter_lines
 
     with open(path, "w", encoding="utf-8") as handle:
         for line in iter_lines("reviews", fmt, reviews, seed=seed):

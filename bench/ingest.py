@@ -101,10 +101,10 @@ def step_copy(dsn: str, source_table: str, table: str) -> dict:
 
 def step_pipeline(dsn: str, path: str, kind: str, extra: list[str]) -> dict:
     """(a)/(b) the real pipeline, timed by its own run record (pipeline start to end)."""
-    from pipelines import registry
+    from pipelines import cli
 
-    module = registry.PIPELINES[kind]()
-    summary = module.run(registry.with_default_runner(["--dsn", dsn, "--input", path, *extra]))
+    module = cli.PIPELINES[kind]()
+    summary = module.run(cli.with_default_runner(["--dsn", dsn, "--input", path, *extra]))
     return {
         "rows": summary.records,
         "seconds": summary.elapsed_s,
@@ -117,7 +117,7 @@ def step_pipeline(dsn: str, path: str, kind: str, extra: list[str]) -> dict:
 def _cleaned_records(pipeline, path: str, kind: str):
     """The pipeline's own read -> parse -> clean of one file: (its table spec, the records)."""
     from connectors.files import ReadDataset
-    from connectors.postgres import PRODUCTS, REVIEWS
+    from connectors.sink import PRODUCTS, REVIEWS
     from transforms.clean import CleanProducts, CleanReviews
     from transforms.parse import ParseRecords
 
@@ -155,7 +155,8 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
     from beam_postgres.io.postgres import WriteToPostgres
     from psycopg import sql
 
-    from connectors.postgres import DEFAULT_BATCH_SIZE, migrate
+    from connectors.datalake import migrate
+    from connectors.sink import DEFAULT_BATCH_SIZE
 
     migrate(dsn)
     pipeline = _bench_pipeline()
@@ -212,7 +213,7 @@ def step_database(dsn: str, path: str, kind: str) -> dict:
     import gc
 
     from connectors.files import iter_lines
-    from connectors.postgres import (
+    from connectors.sink import (
         DEFAULT_BATCH_SIZE,
         PRODUCTS,
         REVIEWS,
@@ -307,7 +308,7 @@ def one_round(
     with ``ceilings``, (f) and (g)/(h), the latter in a database of its own."""
     import psycopg
 
-    from connectors.postgres import create_database, drop_database
+    from connectors.datalake import create_database, drop_database
 
     dsn = create_database(server_dsn, "bench")
     try:
@@ -468,9 +469,9 @@ def main() -> int:
     if not server_dsn:
         home = Path(tempfile.mkdtemp(prefix="termidator-bench-"))
         os.environ["TERMIDATOR_HOME"] = str(home)
-        from connectors import postgres
+        from connectors import datalake
 
-        server_dsn = postgres.embedded_dsn(home)
+        server_dsn = datalake.embedded_dsn(home)
     try:
         rounds = []
         for number in range(args.repeat):
@@ -492,11 +493,11 @@ def main() -> int:
             )
     finally:
         if home:
-            from connectors import postgres
+            from connectors import datalake
 
-            postgres.stop_embedded(home)
+            datalake.stop_embedded(home)
             shutil.rmtree(home, ignore_errors=True)
-    from connectors.postgres import redact
+    from connectors.datalake import redact
 
     shown = [redact(arg) if arg == args.dsn else arg for arg in sys.argv[1:]]
     command = "python bench/ingest.py " + " ".join(shown)  # no password in a results file

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
 
-from connectors import postgres  # noqa: E402
+from connectors import datalake  # noqa: E402
 from transforms.clean import clean_review  # noqa: E402
 from transforms.parse import decode, detect  # noqa: E402
 from transforms.records import ParsedRecord  # noqa: E402
@@ -50,7 +50,7 @@ from transforms.records import ParsedRecord  # noqa: E402
 
 def unique_reviews(path: Path, fmt: int, count: int) -> list[tuple[str, bytes]]:
     """(review_id, line) for ``count`` reviews with distinct ids, generated in ``fmt``."""
-    from pipelines import generate
+    from samples import generate
 
     generate.write_dataset("reviews", fmt, int(count * 1.1) + 100, str(path), seed=11)
     seen, out = set(), []
@@ -203,8 +203,8 @@ def main(argv=None) -> int:
     env.pop("TERMIDATOR_DSN", None)
     env.pop("TERMIDATOR_API_TOKEN", None)
     os.environ["TERMIDATOR_HOME"] = str(home)
-    dsn = postgres.embedded_dsn(home)
-    postgres.migrate(dsn)
+    dsn = datalake.embedded_dsn(home)
+    datalake.migrate(dsn)
     print(f"generating {needed:,} unique reviews ({args.format}) ...", flush=True)
     records = unique_reviews(home / "reviews.jsonl", args.format, needed)
     port = free_port()

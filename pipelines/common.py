@@ -20,9 +20,9 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineState
 
-from connectors import postgres
+from connectors import datalake
 from connectors.files import ReadDataset
-from connectors.postgres import REVIEW_EMOTIONS, TableSpec, UpsertToPostgres, WriteDeadLetters
+from connectors.sink import REVIEW_EMOTIONS, TableSpec, UpsertToPostgres, WriteDeadLetters
 from pipelines.options import DatalakeOptions, EmotionOptions
 from transforms.clean import CleanProducts, CleanReviews
 from transforms.parse import METRICS_NAMESPACE, ParseRecords
@@ -154,13 +154,13 @@ def execute(
     recorded as FAILED and re-raised.
     """
     options = PipelineOptions(list(argv or []))
-    dsn = postgres.resolve_dsn(options.view_as(DatalakeOptions).dsn)
-    postgres.migrate(dsn)
+    dsn = datalake.resolve_dsn(options.view_as(DatalakeOptions).dsn)
+    datalake.migrate(dsn)
     pipeline = test_pipeline or beam.Pipeline(options=options)
     run_id = str(uuid.uuid4())
     build(pipeline, options, dsn, run_id)
     recorded = {k: v for k, v in options.get_all_options(drop_default=True).items() if k != "dsn"}
-    postgres.start_run(dsn, name, recorded, run_id=run_id)
+    datalake.start_run(dsn, name, recorded, run_id=run_id)
     started = time.monotonic()
     runner, counters, state = "unknown", {}, "FAILED"
     try:
@@ -176,7 +176,7 @@ def execute(
     finally:
         elapsed = time.monotonic() - started
         counters = dict(counters, elapsed_ms=int(elapsed * 1000))
-        postgres.finish_run(dsn, run_id, state, runner, counters)
+        datalake.finish_run(dsn, run_id, state, runner, counters)
     return RunSummary(name, run_id, runner, state, counters, elapsed, table)
 
 

@@ -12,7 +12,7 @@ from beam_postgres.io import ReadFromPostgres
 from psycopg import sql
 from psycopg.rows import class_row
 
-from connectors.postgres import REVIEW_EMOTIONS
+from connectors.sink import REVIEW_EMOTIONS
 from pipelines.common import RunSummary, classify_emotions, execute, write_dead_letters
 from pipelines.options import EmotionOptions
 from transforms.parse import METRICS_NAMESPACE

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.postgres import DEFAULT_BATCH_SIZE
+from connectors.sink import DEFAULT_BATCH_SIZE
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line naming the fix, exit code 2."""
 
 
 class DatalakeOptions(PipelineOptions):

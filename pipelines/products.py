@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.postgres import PRODUCTS
+from connectors.sink import PRODUCTS
 from pipelines.common import RunSummary, execute, ingest, write_dead_letters
 from pipelines.options import DatalakeOptions, IngestOptions
 from transforms.records import PRODUCT

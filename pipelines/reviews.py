@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.postgres import REVIEWS
+from connectors.sink import REVIEWS
 from pipelines.common import RunSummary, execute, ingest, write_dead_letters, classify_emotions
 from pipelines.options import DatalakeOptions, EmotionOptions, IngestOptions
 from transforms.records import REVIEW

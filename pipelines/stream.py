@@ -31,18 +31,14 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 from apache_beam.utils.timestamp import Duration, Timestamp
 
-from connectors import landing, postgres
-from connectors.landing import (
-    FollowLanding,
-    Ledger,
-    ReplayFile,
-    UpsertAndSettle,
-    WriteDeadLettersAndSettle,
-)
-from connectors.postgres import PRODUCTS, REVIEW_EMOTIONS, REVIEWS, WriteDeadLetters
+from connectors import datalake, landing
+from connectors.landing_source import FollowLanding
+from connectors.replay import ReplayFile
+from connectors.sink import Ledger, UpsertAndSettle, WriteDeadLettersAndSettle
+from connectors.sink import PRODUCTS, REVIEW_EMOTIONS, REVIEWS, WriteDeadLetters
 from pipelines.common import CLEAN_TRANSFORMS, RunSummary, emotion_classifier, execute
 from pipelines.options import DatalakeOptions, EmotionOptions, StreamOptions
-from pipelines.registry import UsageError
+from pipelines.options import UsageError
 from transforms.parse import METRICS_NAMESPACE, ParseRecords
 from transforms.records import REVIEW, DeadLetter
 
@@ -646,7 +642,7 @@ def run(
     with _drain_on_interrupt() as drained:
         summary = execute(NAME, build, argv, test_pipeline, table=table)
     if drained[0] and summary.state == "DONE":
-        with postgres.connect(postgres.resolve_dsn(_dsn_of(argv))) as conn:
+        with datalake.connect(datalake.resolve_dsn(_dsn_of(argv))) as conn:
             conn.execute(
                 "UPDATE pipeline_runs SET state = 'DRAINED' WHERE run_id = %s AND state = 'DONE'",
                 (summary.run_id,),

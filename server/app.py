@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from connectors import landing, postgres
+from connectors import datalake, landing
 from server import ingest
 from server.jobs import FINAL, JobError, JobManager
 
@@ -237,7 +237,7 @@ def create_app(settings: Settings) -> FastAPI:
         return error_response(422, "invalid_request", "; ".join(problems) or "invalid request")
 
     @app.exception_handler(psycopg.OperationalError)
-    @app.exception_handler(postgres.DatalakeUnavailable)
+    @app.exception_handler(datalake.DatalakeUnavailable)
     async def _no_datalake(request: Request, error: Exception) -> JSONResponse:
         _LOG.warning("datalake unavailable: %s", str(error).strip())
         return error_response(503, "datalake_unavailable", "the datalake cannot be reached")
@@ -349,7 +349,7 @@ def _ping(dsn: str) -> None:
 
 
 def _stats(settings: Settings, jobs: JobManager) -> dict[str, Any]:
-    counts = postgres.table_counts(settings.dsn, postgres.DATALAKE_TABLES)
+    counts = datalake.table_counts(settings.dsn, datalake.DATALAKE_TABLES)
     with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=10) as conn:
         by_stage = dict(
             conn.execute("SELECT stage, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1")
@@ -536,7 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the flags and the environment; refuses a public bind without a token."""
-    from pipelines.registry import UsageError
+    from pipelines.options import UsageError
 
     token = os.environ.get(TOKEN_ENV) or None
     if token is None and not is_loopback(args.host):
@@ -544,7 +544,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"refusing to serve on {args.host} without a token: set {TOKEN_ENV}, or bind to"
             " 127.0.0.1"
         )
-    home = postgres.termidator_home()
+    home = datalake.termidator_home()
     roots = args.input_root or [
         r for r in os.environ.get(INPUT_ROOTS_ENV, "").split(os.pathsep) if r
     ]
@@ -555,8 +555,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for root in roots:
         if not os.path.isdir(root):
             raise UsageError(f"input root {root!r} is not a directory")
-    dsn = postgres.resolve_dsn(args.dsn)
-    postgres.migrate(dsn)
+    dsn = datalake.resolve_dsn(args.dsn)
+    datalake.migrate(dsn)
     return Settings(
         dsn=dsn,
         home=home,

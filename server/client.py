@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Send the file; exit 0 when every record was answered, 1 when sending failed."""
-    from pipelines.registry import UsageError
+    from pipelines.options import UsageError
 
     if not os.path.isfile(args.file):
         raise UsageError(f"no file at {args.file!r}: check the path")

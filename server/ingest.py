@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 
 from connectors.files import decode_line
 from connectors.landing import DATASETS, LandingFile, new_file_name
-from connectors.postgres import _sanitise_dead_letter, connect
+from connectors.datalake import connect
+from connectors.sink import _sanitise_dead_letter
 from transforms.parse import decode, detect
 from transforms.records import DeadLetter
 

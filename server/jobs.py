@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 
 import psycopg
 
-from pipelines.registry import NEEDS_INPUT
+from pipelines.cli import NEEDS_INPUT
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: `python -m pipelines` runs here
 QUEUED, RUNNING, DONE, FAILED, CANCELLING, CANCELLED = (

@@ -16,24 +16,29 @@ os.environ.pop("TERMIDATOR_DSN", None)
 
 import psycopg  # noqa: E402
 
-from connectors import postgres  # noqa: E402
+from connectors.datalake import (  # noqa: E402
+    create_database,
+    drop_database,
+    embedded_dsn,
+    stop_embedded,
+)
 
 
 @pytest.fixture(scope="session")
 def server_dsn():
     """The embedded server, started once for the session and stopped after it."""
-    dsn = postgres.embedded_dsn()
+    dsn = embedded_dsn()
     yield dsn
-    postgres.stop_embedded()
+    stop_embedded()
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture
 def datalake(server_dsn):
     """A fresh, migrated database on the embedded server; its DSN."""
-    dsn = postgres.create_database(server_dsn, "t")
+    dsn = create_database(server_dsn, "t")
     yield dsn
-    postgres.drop_database(server_dsn, dsn)
+    drop_database(server_dsn, dsn)
 
 
 def query(dsn: str, statement: str, params=None) -> list[tuple]:

@@ -374,7 +374,7 @@ def test_fast_path_matches_full_cleaning_on_every_bundled_sample():
     from transforms.parse import ParseError, parse_record
     from transforms.records import REVIEW, RawRecord
 
-    samples = Path(__file__).resolve().parent.parent / "pipelines" / "samples"
+    samples = Path(__file__).resolve().parent.parent / "samples"
     fast = 0
     for path in sorted(samples.glob("*.json*")):
         for number, data in iter_lines(str(path)):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import __main__ as cli
-from pipelines import registry
+from pipelines import cli
+from samples import sample_files
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -56,12 +56,12 @@ def env_example() -> dict[str, str]:
 def check_cli_command(argv: list[str]) -> None:
     """The command is `python -m pipelines ...` and the CLI accepts it as it stands."""
     assert argv[:3] == ["python", "-m", "pipelines"], argv
-    if argv[3] in ("serve", "stream") and argv[3] not in registry.TOOLS:
-        pytest.skip(f"`{argv[3]}` is not registered in pipelines/registry.py yet")
+    if argv[3] in ("serve", "stream") and argv[3] not in cli.TOOLS:
+        pytest.skip(f"`{argv[3]}` is not registered in pipelines/cli.py yet")
     args, extra = cli._parser(argv[3]).parse_known_args(argv[3:])
     assert args.command == argv[3]
     if args.command == "run":
-        assert args.pipeline is None or args.pipeline in registry.PIPELINES
+        assert args.pipeline is None or args.pipeline in cli.PIPELINES
     else:
         assert extra == [], f"{argv}: the CLI would reject {extra}"
 
@@ -246,9 +246,9 @@ def test_dockerignore_keeps_local_state_out_and_the_project_in():
 
     for path in (".git", ".venv", ".env", "pipelines/__pycache__", "data/big.json.gz"):
         assert ignored(path), path
-    project = ["setup.py", "pyproject.toml", "pipelines/__main__.py", "pipelines/notebook.py"]
+    project = ["setup.py", "pyproject.toml", "pipelines/__main__.py", "analysis/notebook.py"]
     project += ["transforms/clean.py", "connectors/sql/001_datalake.sql", "notebooks"]
-    samples = registry.sample_files().values()
-    project += [f"pipelines/samples/{Path(path).name}" for files in samples for path in files]
+    samples = sample_files().values()
+    project += [f"samples/{Path(path).name}" for files in samples for path in files]
     for path in project:
         assert not ignored(path), path

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import generate
-from pipelines.generate import FORMATS, asin_for, iter_lines, write_dataset
+from samples import generate
+from samples.generate import FORMATS, asin_for, iter_lines, write_dataset
 
-SAMPLES = Path(generate.__file__).resolve().parent / "samples"
+SAMPLES = Path(generate.__file__).resolve().parent
 
 KEYS_2014 = [
     "reviewerID",
@@ -477,7 +477,7 @@ def test_samples_exist_and_stay_small():
 
 
 def test_readme_lists_exactly_two_malformed_lines():
-    from pipelines.samples import make_samples
+    from samples import make as make_samples
 
     malformed = _readme_malformed()
     assert sum(len(numbers) for numbers in malformed.values()) == 2
@@ -545,7 +545,7 @@ def test_samples_hold_the_documented_real_lines():
 
 
 def test_samples_are_reproducible_from_make_samples():
-    from pipelines.samples import make_samples
+    from samples import make as make_samples
 
     built = make_samples._build()
     assert sorted(built) == sorted(SAMPLE_FILES)

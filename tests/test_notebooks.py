@@ -22,14 +22,17 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import query
-from pipelines import analysis, notebook, products, registry, reviews
+from analysis import frames, notebook, plots
+from pipelines import cli, products, reviews
+from pipelines.options import UsageError
+from samples import sample_files
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 DEFAULT_MODEL = "minilm-goemotions-ekman"
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
-PLOTTING = re.compile(r"plt\.show\(\)|analysis\.(?:bar|lines|heatmap|scatter|histogram|boxplot)\(")
+PLOTTING = re.compile(r"plt\.show\(\)|plots\.(?:bar|lines|heatmap|scatter|histogram|boxplot)\(")
 
 # Injected around each notebook by the test only: every figure the kernel renders must have
 # a title (its axes' or the figure's) and both axis labels; colour bars a label.
@@ -61,8 +64,8 @@ FIGURES_LABELLED = "assert not _unlabelled, _unlabelled"
 def load_samples(dsn: str) -> None:
     """Fill the datalake the way `python -m pipelines run` does: products, then reviews."""
     for module, name in ((products, "products"), (reviews, "reviews")):
-        inputs = [arg for path in registry.sample_files()[name] for arg in ("--input", path)]
-        module.run(registry.with_default_runner(["--dsn", dsn, *inputs]))
+        inputs = [arg for path in sample_files()[name] for arg in ("--input", path)]
+        module.run(cli.with_default_runner(["--dsn", dsn, *inputs]))
 
 
 def add_test_emotions(dsn: str) -> None:
@@ -132,7 +135,7 @@ def test_notebooks_are_stored_clean_and_use_the_project_code():
         assert all(not cell.outputs and cell.execution_count is None for cell in code), path.name
         assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
         assert sum(cell.cell_type == "markdown" for cell in nb.cells) >= 5, path.name
-        assert "from pipelines import analysis" in code[0].source
+        assert "from analysis import frames, plots" in code[0].source
     first = nbformat.read(NOTEBOOK_DIR / "01_interactive_pipeline.ipynb", as_version=4)
     interactive = "\n".join(cell.source for cell in first.cells)
     for name in ("InteractiveRunner", "ReadDataset", "ParseRecords", "CleanReviews"):
@@ -175,7 +178,7 @@ def test_notebook_runs_headless_with_labelled_plots(path, filled_lake, monkeypat
 
 
 def test_analysis_reads_the_lake_the_pipelines_filled(filled_lake):
-    lake = analysis.Datalake(filled_lake)
+    lake = frames.Datalake(filled_lake)
     counts = lake.table_counts()
     assert counts["reviews"] == query(filled_lake, "SELECT count(*) FROM reviews")[0][0] > 0
     assert counts["review_emotions"] > 0 and counts["pipeline_runs"] == 2
@@ -201,16 +204,16 @@ def test_analysis_reads_the_lake_the_pipelines_filled(filled_lake):
 
 
 def test_reasons_group_dead_letter_errors():
-    assert analysis.reason("2014 review: rating must be a number from 1 to 5, got None") == (
+    assert frames.reason("2014 review: rating must be a number from 1 to 5, got None") == (
         "rating must be a number from 1 to 5"
     )
-    assert analysis.reason(
+    assert frames.reason(
         "this is a product record (2018 format), not a review; ingest it with `run products`"
     ) == ("this is a product record")
-    assert analysis.reason("truncated or malformed record (not JSON: unexpected end)") == (
+    assert frames.reason("truncated or malformed record (not JSON: unexpected end)") == (
         "truncated or malformed record"
     )
-    assert analysis.reason("missing reviewerID") == "missing reviewerID"
+    assert frames.reason("missing reviewerID") == "missing reviewerID"
     dead = pd.DataFrame(
         {
             "pipeline": ["reviews"] * 3,
@@ -218,7 +221,7 @@ def test_reasons_group_dead_letter_errors():
             "error": ["not UTF-8 text: a", "not UTF-8 text: b", "2018 review: missing asin"],
         }
     )
-    counted = analysis.count_reasons(dead)
+    counted = frames.count_reasons(dead)
     assert counted.values.tolist() == [
         ["reviews", "parse", "not UTF-8 text", 2],
         ["reviews", "clean", "missing asin", 1],
@@ -232,7 +235,7 @@ def test_plots_refuse_to_go_unlabelled():
     import matplotlib.pyplot as plt
 
     with pytest.raises(ValueError, match="needs a ylabel"):
-        analysis.bar(pd.Series([1, 2], index=["a", "b"]), "A title", "x", "")
+        plots.bar(pd.Series([1, 2], index=["a", "b"]), "A title", "x", "")
     plt.close("all")
 
 
@@ -248,7 +251,7 @@ def test_notebook_command_sets_the_dsn_and_makes_the_project_importable(tmp_path
     assert "--ServerApp.open_browser=False" in argv
     assert env["TERMIDATOR_DSN"] == "postgresql://u@h/db"
     assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/elsewhere"]
-    with pytest.raises(registry.UsageError, match="no notebooks folder"):
+    with pytest.raises(UsageError, match="no notebooks folder"):
         notebook.command(
             argparse.Namespace(**{**vars(args), "notebook_dir": str(tmp_path / "x")}), "d"
         )
@@ -329,8 +332,8 @@ def test_notebook_command_serves_the_notebooks_with_the_datalake_connected(fille
         client.wait_for_ready(timeout=60)
         code = (
             "import os, json\n"
-            "from pipelines import analysis\n"
-            "lake = analysis.Datalake()\n"
+            "from analysis import frames\n"
+            "lake = frames.Datalake()\n"
             "print(json.dumps({'dsn': os.environ['TERMIDATOR_DSN'], 'cwd': os.getcwd(),"
             " 'reviews': int(lake.table_counts()['reviews'])}))\n"
         )

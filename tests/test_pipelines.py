@@ -16,8 +16,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import query
-from connectors.postgres import REVIEWS, UpsertToPostgres, WriteDeadLetters
-from pipelines import emotions, generate, products, reviews
+from connectors.sink import REVIEWS, UpsertToPostgres, WriteDeadLetters
+from pipelines import emotions, products, reviews
+from samples import generate
 from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
 from transforms.clean import clean_review
 from transforms.parse import decode, detect

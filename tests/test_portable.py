@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import query
-from pipelines import products, registry, reviews
+from pipelines import cli, products, reviews
+from samples import sample_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,7 @@ def cli_run(pipeline: str, files: list[str], dsn: str, endpoint: str):
 def test_pipelines_run_on_the_portable_runner_and_write_what_the_direct_runner_writes(
     datalake, job_endpoint
 ):
-    samples = registry.sample_files()
+    samples = sample_files()
     expected_runner = f"PortableRunner (job service {job_endpoint}, LOOPBACK workers)"
 
     for name in ("products", "reviews"):
@@ -121,7 +122,7 @@ def test_pipelines_run_on_the_portable_runner_and_write_what_the_direct_runner_w
     # The DirectRunner, on the same input, finds every row already as it would write it.
     for module, name in ((products, "products"), (reviews, "reviews")):
         inputs = [arg for path in samples[name] for arg in ("--input", path)]
-        direct = module.run(registry.with_default_runner(["--dsn", datalake, *inputs]))
+        direct = module.run(cli.with_default_runner(["--dsn", datalake, *inputs]))
         assert "FnApiRunner" in direct.runner
         assert direct.upserted == runs[0 if name == "products" else 1][3][f"{name}_upserted"]
         assert direct.changed == 0, f"{name}: the portable run wrote different rows"

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 
 from conftest import query
 from connectors import landing
-from pipelines import __main__ as cli
-from pipelines import generate
+from pipelines import cli
+from samples import generate
 from server import app as service
 from server.client import send_file
 from server.ingest import Limits
@@ -305,7 +305,7 @@ def test_bad_requests_get_the_right_status_and_a_json_error(api):
 
 
 def test_a_job_started_over_the_api_reaches_done_with_the_right_counters(api, datalake):
-    sample = ROOT / "pipelines" / "samples" / "All_Beauty.jsonl"
+    sample = ROOT / "samples" / "All_Beauty.jsonl"
     shutil.copy(sample, api.settings.input_roots[0] / "All_Beauty.jsonl")
     records = sum(1 for line in sample.read_text().splitlines() if line.strip())
     response = api.http.post(

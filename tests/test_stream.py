@@ -21,16 +21,17 @@ from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
 from conftest import query
-from connectors import landing, postgres
-from connectors.landing import (
+from connectors import landing, landing_source
+from connectors.datalake import connect, finish_run, start_run
+from connectors.landing import LandingFile
+from connectors.landing_source import (
     FollowLanding,
     FollowLandingFn,
-    LandingFile,
     LandingRestriction,
     LandingTracker,
     LandingWatch,
 )
-from pipelines import __main__ as cli
+from pipelines import cli
 from pipelines import stream
 from pipelines.stream import ReviewStats, StatInput, WindowedReviewStats
 from test_parse import META_2018, REVIEW_2018
@@ -110,7 +111,7 @@ def test_a_landing_file_is_invisible_until_committed_and_leaves_nothing_when_abo
 def test_follow_landing_emits_files_appearing_while_it_runs_once_with_review_times(
     datalake, tmp_path
 ):
-    run_id = postgres.start_run(datalake, "test", {})
+    run_id = start_run(datalake, "test", {})
     first = landing.land_lines("reviews", [review("A", when=1_000 * DAY)], "1.jsonl", tmp_path)
     second, third = tmp_path / "reviews" / "2.jsonl", tmp_path / "reviews" / "3.jsonl"
     producer = land_after_claims(
@@ -160,7 +161,7 @@ def test_follow_landing_emits_files_appearing_while_it_runs_once_with_review_tim
 
 def test_the_watermark_follows_the_oldest_event_of_the_latest_file(datalake, tmp_path):
     """The SDF itself, driven poll by poll with Beam's own tracker and estimator."""
-    run_id = postgres.start_run(datalake, "test", {})
+    run_id = start_run(datalake, "test", {})
     directory = landing.landing_dir("reviews", tmp_path)
     fn = FollowLandingFn(datalake, run_id, "stream", poll_interval=0.01)
     fn.setup()
@@ -196,7 +197,7 @@ def test_the_tracker_only_splits_at_checkpoints():
     assert tracker.try_split(0.5) is None
     primary, residual = tracker.try_split(0)
     assert primary.finished and not residual.finished and residual.in_flight == {"a"}
-    assert not tracker.try_claim(landing._END)
+    assert not tracker.try_claim(landing_source._END)
     tracker.check_done()
 
 
@@ -263,12 +264,12 @@ def test_stream_lands_every_record_once_and_a_restart_reads_only_unfinished_file
     assert stats == [("P1", "1970-04-11", 2, 3.0, None), ("P2", "1970-04-12", 1, 4.0, None)]
 
     # A crashed run left a claim on a newer file, and half its dead letters.
-    crashed = postgres.start_run(datalake, "stream", {})
-    postgres.finish_run(datalake, crashed, "FAILED", None, {})
+    crashed = start_run(datalake, "stream", {})
+    finish_run(datalake, crashed, "FAILED", None, {})
     orphan = landing.land_lines(
         "reviews", [review("E", "P1", 100 * DAY + 30, 5.0), "{broken"], "3.jsonl", root
     )
-    with postgres.connect(datalake) as conn:
+    with connect(datalake) as conn:
         conn.execute(
             "INSERT INTO landing_files (dataset, name, path, bytes, state, run_id)"
             " VALUES ('reviews', '3.jsonl', %s, 1, 'claimed', %s)",

@@ -1482,6 +1482,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # the CLI proper is ``python -m pipelines generate``
-    _parser = argparse.ArgumentParser(prog="python -m pipelines.generate")
+    _parser = argparse.ArgumentParser(prog="python -m samples.generate")
     add_arguments(_parser)
     raise SystemExit(main(_parser.parse_args()))

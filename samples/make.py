@@ -1,6 +1,6 @@
 """Rebuild the bundled sample files: generated lines plus hand-written real-format lines.
 
-Run from the repository root: ``python -m pipelines.samples.make_samples``. The output
+Run from the repository root: ``python -m samples.make``. The output
 is byte-for-byte reproducible. README.md lists what each file holds; the line numbers
 of the deliberately malformed lines are pinned in ``MALFORMED`` and checked here.
 """
@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make ``pipelines`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if __package__ in (None, ""):  # run as a script: make ``samples`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.generate import CSS_PRICE, iter_lines  # noqa: E402
+from samples.generate import CSS_PRICE, iter_lines  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = 2024

@@ -1,32 +1,29 @@
-"""The Postgres datalake: DSN resolution, embedded server, migrations, bulk upsert sinks.
+"""The bulk writer: each batch goes in by one binary ``COPY`` into a temporary stage plus
+one guarded upsert, written on background threads through several connections.
 
 Writes go through ``beam-postgres``: ``CopyUpsertFn`` extends its write DoFn (same
-lifecycle, batching, retry strategy and failed-rows output) so that each batch goes
-in by one binary ``COPY`` into a temporary stage plus one guarded upsert, instead of
-one ``INSERT`` per row.
+lifecycle, batching, retry strategy and failed-rows output).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
+import os
+import threading
+import collections
 import copy
 import dataclasses
 import json
-import logging
 import operator
-import os
 import typing
-import uuid
-import warnings
-from importlib import resources
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import orjson
 import psycopg
+from apache_beam import pvalue
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.timestamp import Timestamp
 from beam_postgres.io.postgres import DEFAULT_MAX_RETRY_DELAY_SECS, _PostgresWriteFn
 from beam_postgres.io.retry import RetryRowOnTransientErrorStrategy, RetryRowStrategy
@@ -36,6 +33,7 @@ from transforms.parse import METRICS_NAMESPACE
 from transforms.records import DeadLetter, EmotionResult, Product, Review
 
 SINK_STAGE = "sink"
+COMMITTED = "committed"  # tagged output of the settling sinks: records in the datalake
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_WRITE_RETRIES = 5
 # Connections a sink writes through at once: one batch's upsert overlaps the next's COPY.
@@ -44,203 +42,6 @@ LINEAGE = ("source_format", "source", "line")
 # What a row can fail with on its way in: the database's refusal, or a value that cannot
 # even be encoded for COPY (a lone surrogate from a Python-literal line, an int8 overflow).
 REJECTED_ROW_ERRORS = (psycopg.Error, UnicodeError, ValueError, TypeError, OverflowError)
-DATALAKE_TABLES = (
-    "products",
-    "reviews",
-    "review_emotions",
-    "review_stats",
-    "landing_files",
-    "dead_letters",
-    "pipeline_runs",
-)
-_LOG = logging.getLogger(__name__)
-
-
-class DatalakeUnavailable(RuntimeError):
-    """The database cannot be reached; the message says how to point at one that can."""
-
-
-# --- where the datalake is --------------------------------------------------------
-
-
-def termidator_home() -> Path:
-    """Where TermiDator keeps its state: ``TERMIDATOR_HOME``, default ``~/.termidator``."""
-    return Path(os.environ.get("TERMIDATOR_HOME") or Path.home() / ".termidator").expanduser()
-
-
-def resolve_dsn(dsn: Optional[str] = None) -> str:
-    """The DSN to use: the argument, else ``TERMIDATOR_DSN``, else the embedded server."""
-    return dsn or os.environ.get("TERMIDATOR_DSN") or embedded_dsn()
-
-
-def _import_pgserver():
-    """pgserver, imported only when the embedded default is used."""
-    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        warnings.simplefilter("ignore")
-        import pgserver
-        import pgserver._commands
-    return pgserver
-
-
-def embedded_dsn(home: Optional[Path] = None) -> str:
-    """Start (or find running) the embedded Postgres under the home and return its DSN.
-
-    The server is left running between runs; ``stop_embedded`` stops it.
-    """
-    pgserver = _import_pgserver()
-    pgdata = (home or termidator_home()) / "pgdata"
-    pgdata.mkdir(parents=True, exist_ok=True)
-    try:
-        server = pgserver.get_server(pgdata, cleanup_mode=None)
-    except Exception as error:  # noqa: BLE001 - pgserver raises many kinds
-        raise DatalakeUnavailable(
-            f"cannot start the embedded Postgres in {pgdata}: {error}; "
-            "set --dsn or TERMIDATOR_DSN to use another server"
-        ) from None
-    return server.get_uri()
-
-
-def stop_embedded(home: Optional[Path] = None) -> bool:
-    """Stop the embedded server under the home, if it runs (tests, ``db stop``).
-
-    Goes to ``pg_ctl`` directly: pgserver only stops a server when its own last
-    handle closes, which a server left running between runs never has.
-    """
-    import subprocess
-
-    pg_ctl = _import_pgserver()._commands.pg_ctl
-    pgdata = (home or termidator_home()) / "pgdata"
-    if not (pgdata / "postmaster.pid").exists():
-        return False
-    user = "pgserver" if os.name == "posix" and os.geteuid() == 0 else None
-    try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
-    except subprocess.CalledProcessError:
-        return False  # not running after all (a stale pid file)
-    return True
-
-
-def connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
-    """Open a connection, turning failure into a one-line error that names the fix."""
-    try:
-        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
-    except psycopg.Error as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DatalakeUnavailable(
-            f"cannot connect to Postgres at {redact(dsn)}: {reason}; fix --dsn or "
-            "TERMIDATOR_DSN, or unset both to use the embedded datalake"
-        ) from None
-
-
-def redact(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
-    try:
-        info = psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error:
-        return "<unparseable DSN>"
-    if "password" in info:
-        info["password"] = "***"
-    return psycopg.conninfo.make_conninfo(**info)
-
-
-def create_database(server_dsn: str, prefix: str = "termidator") -> str:
-    """A new, migrated database on the server; its DSN (tests and benchmarks use one each)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with connect(server_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    info = psycopg.conninfo.conninfo_to_dict(server_dsn)
-    dsn = psycopg.conninfo.make_conninfo(**{**info, "dbname": name})
-    migrate(dsn)
-    return dsn
-
-
-def drop_database(server_dsn: str, dsn: str) -> None:
-    """Drop a database made by ``create_database``, closing its connections."""
-    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    with connect(server_dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-# --- schema -------------------------------------------------------------------------
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """The versioned migrations shipped in ``connectors/sql``: (version, name, sql)."""
-    found = []
-    for entry in resources.files("connectors").joinpath("sql").iterdir():
-        if entry.name.endswith(".sql") and entry.name[:3].isdigit():
-            found.append((int(entry.name[:3]), entry.name, entry.read_text()))
-    return sorted(found)
-
-
-def migrate(dsn: str) -> list[str]:
-    """Apply pending migrations in order, once each, under an advisory lock.
-
-    Returns the names applied now (empty when the schema is current).
-    """
-    applied_now = []
-    with connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(7461726)")  # one migrator at a time
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
-            for version, name, script in migrations():
-                if version in done:
-                    continue
-                conn.execute(script)
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, name),
-                )
-                applied_now.append(name)
-    return applied_now
-
-
-def table_counts(dsn: str, tables: Iterable[str]) -> dict[str, int]:
-    """Exact row counts of the named tables."""
-    with connect(dsn) as conn:
-        return {
-            table: conn.execute(
-                sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
-            ).fetchone()[0]
-            for table in tables
-        }
-
-
-# --- runs ---------------------------------------------------------------------------
-
-
-def start_run(
-    dsn: str, pipeline: str, options: Mapping[str, Any], run_id: Optional[str] = None
-) -> str:
-    """Record a run as RUNNING and return its id."""
-    run_id = run_id or str(uuid.uuid4())
-    with connect(dsn) as conn:
-        conn.execute(
-            "INSERT INTO pipeline_runs (run_id, pipeline, options, state)"
-            " VALUES (%s, %s, %s::jsonb, 'RUNNING')",
-            (run_id, pipeline, json.dumps(options, default=str)),
-        )
-    return run_id
-
-
-def finish_run(
-    dsn: str, run_id: str, state: str, runner: Optional[str], counters: Mapping[str, int]
-) -> None:
-    """Record how a run ended: state, the runner that really ran, its counters."""
-    with connect(dsn) as conn:
-        conn.execute(
-            "UPDATE pipeline_runs SET state = %s, runner = %s, counters = %s::jsonb,"
-            " finished_at = now() WHERE run_id = %s",
-            (state, runner, json.dumps(dict(counters)), run_id),
-        )
-
-
-# --- tables and their bulk upsert -------------------------------------------------
 
 
 def _json_text(value: Any) -> Optional[str]:
@@ -668,3 +469,158 @@ class WriteDeadLetters(beam.PTransform):
 def _refuse_to_drop(failed: tuple[Any, Exception]) -> None:
     record, error = failed
     raise RuntimeError(f"the datalake refused a dead letter ({error}): {record!r}")
+
+
+# --- settling: which records of each landed file are in the datalake ----------------
+
+
+class Ledger(NamedTuple):
+    """Whose landed files a sink settles: the run's claims in one dataset."""
+
+    dataset: str
+    run_id: str
+
+
+# One statement per committed batch, in its transaction: the files' settled counts go up,
+# and a file whose every emitted record is settled is done (the source sets ``records``).
+_SETTLE_SQL = """
+UPDATE landing_files l
+SET settled = l.settled + v.n,
+    state = CASE WHEN l.records IS NOT NULL AND l.settled + v.n >= l.records
+                 THEN 'done' ELSE l.state END,
+    done_at = CASE WHEN l.records IS NOT NULL AND l.settled + v.n >= l.records
+                   THEN now() ELSE l.done_at END
+FROM unnest(%s::text[], %s::int[]) AS v (name, n)
+WHERE l.dataset = %s AND l.name = v.name AND l.run_id = %s AND l.state = 'claimed'
+"""
+
+
+class _SettlingCopyUpsertFn(CopyUpsertFn):
+    """``CopyUpsertFn`` that settles landed files: each committed batch adds, in its own
+    transaction, how many records of each file it wrote to ``landing_files`` (with a
+    ``ledger``); and, with ``committed_time``, emits the committed records (tagged
+    ``committed``, timestamped by it) for what must only see rows in the datalake."""
+
+    def __init__(
+        self,
+        *args: Any,
+        ledger: Optional[Ledger] = None,
+        committed_time: Optional[Any] = None,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self._ledger = ledger
+        self._committed_time = committed_time
+        self._settled_files = Metrics.counter(METRICS_NAMESPACE, "landing_records_settled")
+
+    def setup(self):
+        # Made before the write lanes are copied from this DoFn: the lanes share the lock
+        # and the committed list; each rebinds its own tally and settled count.
+        self._lock = threading.Lock()
+        self._committed: list = []
+        self._tally: dict[str, int] = {}
+        self._done_settled = 0
+        super().setup()
+
+    def _execute_batch(self, batch: list):
+        if self._ledger is not None:
+            names = collections.Counter(
+                os.path.basename(r.source) for r in batch if getattr(r, "source", None)
+            )
+            self._tally = dict(names)  # what the batch's committing write settles
+        outcome = super()._execute_batch(batch)
+        if outcome is None:  # committed (a bisect's trial writes were rolled back)
+            self._done_settled += sum(self._tally.values())
+            if self._committed_time is not None:
+                with self._lock:
+                    self._committed.extend(batch)
+        return outcome
+
+    def _write(self, rows: list) -> int:
+        if not self._tally:
+            return super()._write(rows)
+        with self._pg_conn.transaction():  # the rows and their files' tallies, or neither
+            changed = super()._write(rows)
+            names, counts = list(self._tally), list(self._tally.values())
+            self._pg_conn.execute(
+                _SETTLE_SQL, (names, counts, self._ledger.dataset, self._ledger.run_id)
+            )
+        return changed
+
+    def _count(self, lane: CopyUpsertFn) -> None:
+        super()._count(lane)
+        settled, lane._done_settled = lane._done_settled, 0
+        self._settled_files.inc(settled)
+
+    def finish_bundle(self):
+        outputs = list(super().finish_bundle() or ())
+        with self._lock:
+            committed = self._committed[:]
+            self._committed.clear()
+        for record in committed:
+            when = self._committed_time(record)
+            value = GlobalWindows.windowed_value(record, *([when] if when is not None else []))
+            outputs.append(pvalue.TaggedOutput(COMMITTED, value))
+        return outputs
+
+
+class UpsertAndSettle(beam.PTransform):
+    """``UpsertToPostgres`` that settles landed files (with a ``ledger``).
+
+    Returns a dict: ``rejected`` (DeadLetters, as from UpsertToPostgres) and
+    ``committed`` (the committed records, timestamped by ``committed_time``; empty
+    without it).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        spec: TableSpec,
+        pipeline_name: str = "",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        ledger: Optional[Ledger] = None,
+        committed_time: Optional[Any] = None,
+    ):
+        super().__init__()
+        self._fn = _SettlingCopyUpsertFn(
+            dsn, spec, batch_size, ledger=ledger, committed_time=committed_time
+        )
+        self._to_dead_letter = _sink_dead_letter(pipeline_name or spec.table, spec.table)
+        self._record_type = spec.record_type
+
+    def expand(self, records):
+        written = records | "CopyAndUpsert" >> beam.ParDo(self._fn).with_outputs(
+            COMMITTED, main="rejected"
+        )
+        rejected = written.rejected | "RejectedRows" >> beam.Map(
+            self._to_dead_letter
+        ).with_output_types(DeadLetter)
+        committed = written[COMMITTED] | "Committed" >> beam.Map(
+            lambda record: record
+        ).with_output_types(self._record_type)
+        return {"rejected": rejected, "committed": committed}
+
+
+class WriteDeadLettersAndSettle(beam.PTransform):
+    """``WriteDeadLetters`` that settles landed files (with a ``ledger``).
+
+    A dead letter the database refuses fails the run, as in ``WriteDeadLetters``.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        run_id: Optional[str],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        ledger: Optional[Ledger] = None,
+    ):
+        super().__init__()
+        self._fn = _SettlingCopyUpsertFn(dsn, dead_letter_table(run_id), batch_size, ledger=ledger)
+
+    def expand(self, dead_letters):
+        return (
+            dead_letters
+            | "Sanitise" >> beam.Map(_sanitise_dead_letter).with_output_types(DeadLetter)
+            | "CopyDeadLetters" >> beam.ParDo(self._fn)
+            | "FailOnRejected" >> beam.Map(_refuse_to_drop)
+        )

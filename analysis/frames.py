@@ -1,6 +1,6 @@
-"""Datalake analysis for the notebooks: pandas queries and labelled matplotlib plots.
+"""Datalake analysis for the notebooks and the report: pandas frames from SQL aggregates.
 
-The notebooks hold no logic of their own: they call this module, which reads the lake
+The notebooks hold no logic of their own: they call this module (and ``plots``), which reads the lake
 through the CLI's DSN resolution (``TERMIDATOR_DSN``, else the embedded datalake) and
 aggregates in SQL, so the same cells work on the samples and on tens of millions of rows.
 """
@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
 import pandas as pd
 from psycopg import sql
 
-from connectors import postgres
+from connectors import datalake
 
-if TYPE_CHECKING:  # matplotlib is an optional (notebooks) dependency
-    from matplotlib.axes import Axes
-
-EMOTIONS_TABLE = postgres.REVIEW_EMOTIONS.table
+EMOTIONS_TABLE = "review_emotions"
 PERIODS = ("day", "week", "month", "quarter", "year")
 # Reviews join their product by parent asin (2023) or asin (2014, 2018).
 _PRODUCT_JOIN = "LEFT JOIN products p ON p.asin = COALESCE(r.parent_asin, r.asin)"
@@ -36,14 +33,14 @@ class Datalake:
     """Read-only queries against the datalake; each returns a pandas DataFrame."""
 
     def __init__(self, dsn: Optional[str] = None):
-        self.dsn = postgres.resolve_dsn(dsn)
+        self.dsn = datalake.resolve_dsn(dsn)
 
     def __repr__(self) -> str:
-        return f"Datalake({postgres.redact(self.dsn)})"
+        return f"Datalake({datalake.redact(self.dsn)})"
 
     def query(self, statement: Union[str, sql.Composable], params: Any = None) -> pd.DataFrame:
         """Rows of one query as a DataFrame, with the query's column names."""
-        with postgres.connect(self.dsn) as conn, conn.cursor() as cur:
+        with datalake.connect(self.dsn) as conn, conn.cursor() as cur:
             cur.execute(statement, params)
             columns = [column.name for column in cur.description or ()]
             return pd.DataFrame(cur.fetchall(), columns=columns)
@@ -59,9 +56,9 @@ class Datalake:
         """Rows per datalake table (those this lake's migrations have created)."""
         found = self.query(
             "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NOT NULL",
-            (list(postgres.DATALAKE_TABLES),),
+            (list(datalake.DATALAKE_TABLES),),
         )
-        counts = postgres.table_counts(self.dsn, found["t"].tolist())
+        counts = datalake.table_counts(self.dsn, found["t"].tolist())
         return pd.Series(counts, name="rows").rename_axis("table")
 
     def rows_by_generation(self) -> pd.DataFrame:
@@ -328,7 +325,7 @@ def shares(table: pd.DataFrame) -> pd.DataFrame:
 
 def sample_file(name: str) -> str:
     """Path of a bundled sample file by name, e.g. ``"All_Beauty_5.json.gz"``."""
-    from pipelines.registry import sample_files  # the CLI's own list of samples
+    from samples import sample_files
 
     for files in sample_files().values():
         for path in files:
@@ -381,180 +378,3 @@ def _period(period: str) -> str:
     if period not in PERIODS:
         raise ValueError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
     return period
-
-
-# --- plots: every figure titled, every axis labelled ------------------------------------
-
-
-def _axes(ax: Optional["Axes"], size: tuple[float, float]) -> "Axes":
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=size, layout="constrained")
-    return ax
-
-
-def label(ax: "Axes", title: str, xlabel: str, ylabel: str) -> "Axes":
-    """Title and label the axes; all three are required, so no figure goes unlabelled."""
-    for name, text in (("title", title), ("xlabel", xlabel), ("ylabel", ylabel)):
-        if not text or not str(text).strip():
-            raise ValueError(f"every plot needs a {name}")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    return ax
-
-
-def bar(
-    data: Union[pd.Series, pd.DataFrame],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    *,
-    horizontal: bool = False,
-    stacked: bool = False,
-    legend_title: Optional[str] = None,
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """Bar chart of a Series or of a DataFrame's columns (grouped, or stacked)."""
-    ax = _axes(ax, (8, 4.5))
-    ticks = [_tick(value) for value in data.index]
-    upright = horizontal or max((len(t) for t in ticks), default=0) <= 6
-    kind = "barh" if horizontal else "bar"
-    data.plot(kind=kind, stacked=stacked, ax=ax, rot=0 if upright else 30, legend=False)
-    (ax.set_yticklabels if horizontal else ax.set_xticklabels)(ticks)
-    if isinstance(data, pd.DataFrame) and data.shape[1] > 1:
-        ax.legend(title=legend_title or data.columns.name)
-    if horizontal:
-        ax.invert_yaxis()  # largest first, at the top
-    return label(ax, title, xlabel, ylabel)
-
-
-def lines(
-    data: Union[pd.Series, pd.DataFrame],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    *,
-    area: bool = False,
-    legend_title: Optional[str] = None,
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """Lines (or a stacked area) over the index, one per column."""
-    ax = _axes(ax, (9, 4.5))
-    if area:
-        data.plot.area(ax=ax, linewidth=0)
-    else:
-        data.plot(ax=ax, marker="o" if len(data) <= 60 else None, markersize=3, linewidth=1.2)
-    if isinstance(data, pd.DataFrame) and data.shape[1] > 1:
-        outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if area else {}
-        ax.legend(title=legend_title or data.columns.name, **outside)
-    return label(ax, title, xlabel, ylabel)
-
-
-def heatmap(
-    table: pd.DataFrame,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    colorbar_label: str,
-    *,
-    fmt: str = "{:.0%}",
-    cmap: str = "viridis",
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """A table as coloured cells with their values written in, and a labelled colour bar."""
-    ax = _axes(ax, (1.2 + 1.0 * max(len(table.columns), 1), 1.2 + 0.55 * max(len(table), 1)))
-    values = table.to_numpy(dtype=float)
-    image = ax.imshow(values, cmap=cmap, aspect="auto")
-    ax.set_xticks(range(len(table.columns)), [str(c) for c in table.columns], rotation=30)
-    ax.set_yticks(range(len(table.index)), [_tick(i) for i in table.index])
-    middle = (values.max() + values.min()) / 2 if values.size else 0
-    for (row, column), value in _cells(values):
-        colour = "black" if value > middle else "white"
-        ax.text(column, row, fmt.format(value), ha="center", va="center", color=colour, size=8)
-    ax.figure.colorbar(image, ax=ax).set_label(colorbar_label)
-    return label(ax, title, xlabel, ylabel)
-
-
-def scatter(
-    x: Sequence[float],
-    y: Sequence[float],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    *,
-    sizes: Optional[Sequence[float]] = None,
-    logx: bool = False,
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """Points, optionally sized (e.g. by number of reviews)."""
-    ax = _axes(ax, (7, 4.5))
-    area = None if sizes is None else [15 + 25 * float(s) for s in sizes]
-    ax.scatter(x, y, s=area, alpha=0.6, edgecolors="none")
-    if logx:
-        ax.set_xscale("log")
-    return label(ax, title, xlabel, ylabel)
-
-
-def histogram(
-    groups: Mapping[Any, Sequence[float]],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    *,
-    bins: int = 30,
-    logx: bool = False,
-    legend_title: Optional[str] = None,
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """Overlaid histograms, one per group (e.g. per generation), on shared bins."""
-    import numpy as np
-
-    ax = _axes(ax, (8, 4.5))
-    values = [np.asarray(v, dtype=float) for v in groups.values() if len(v)]
-    if values:
-        every = np.concatenate(values)
-        low, high = float(every.min()), float(every.max())
-        if logx:
-            edges = np.geomspace(max(low, 1.0), max(high, 2.0), bins + 1)
-            ax.set_xscale("log")
-        else:
-            edges = np.linspace(low, high if high > low else low + 1, bins + 1)
-        style = {"histtype": "step", "linewidth": 2} if len(values) > 1 else {"alpha": 0.8}
-        for name, group in groups.items():
-            if len(group):
-                ax.hist(np.asarray(group, dtype=float), bins=edges, label=str(name), **style)
-        if len(groups) > 1:
-            ax.legend(title=legend_title)
-    return label(ax, title, xlabel, ylabel)
-
-
-def boxplot(
-    groups: Mapping[Any, Sequence[float]],
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    *,
-    logy: bool = False,
-    ax: Optional["Axes"] = None,
-) -> "Axes":
-    """One box per group (e.g. per star rating)."""
-    ax = _axes(ax, (8, 4.5))
-    names = [str(name) for name in groups]
-    ax.boxplot([list(v) for v in groups.values()], tick_labels=names, showfliers=True)
-    if logy:
-        ax.set_yscale("log")
-    return label(ax, title, xlabel, ylabel)
-
-
-def _tick(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _cells(values):
-    for row in range(values.shape[0]):
-        for column in range(values.shape[1]):
-            yield (row, column), values[row, column]

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-from connectors import postgres
+from connectors import datalake
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -42,7 +42,7 @@ def notebook_dir(args: argparse.Namespace) -> Path:
     """The folder JupyterLab serves: ``--notebook-dir``, else the project's ``notebooks/``."""
     folder = Path(args.notebook_dir).expanduser() if args.notebook_dir else NOTEBOOKS
     if not folder.is_dir():
-        from pipelines.registry import UsageError
+        from pipelines.options import UsageError
 
         raise UsageError(f"no notebooks folder at {folder}: pass --notebook-dir PATH")
     return folder.resolve()
@@ -74,13 +74,13 @@ def command(
 def main(args: argparse.Namespace) -> int:
     """Resolve and migrate the datalake, then replace this process with JupyterLab."""
     if importlib.util.find_spec("jupyterlab") is None:
-        from pipelines.registry import UsageError
+        from pipelines.options import UsageError
 
         raise UsageError(f"JupyterLab is not installed: {INSTALL_HINT}")
-    dsn = postgres.resolve_dsn(args.dsn)
-    postgres.migrate(dsn)  # a fresh lake has its tables, so the notebooks can query it
+    dsn = datalake.resolve_dsn(args.dsn)
+    datalake.migrate(dsn)  # a fresh lake has its tables, so the notebooks can query it
     argv, env = command(args, dsn)
-    print(f"datalake: {postgres.redact(dsn)}", flush=True)
+    print(f"datalake: {datalake.redact(dsn)}", flush=True)
     folder = notebook_dir(args)
     print(f"JupyterLab: {folder} on {args.ip}:{args.port}", flush=True)
     os.chdir(folder)  # kernels and terminals start beside the notebooks

@@ -1,0 +1,238 @@
+"""``python -m pipelines``: run pipelines, inspect the datalake, and the tools beside them.
+
+The command table is the one place that names every command. Commands that are not
+pipelines live in their own packages and load only when used (``module:function``), so
+``--help`` stays fast and no package here imports the layers above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from types import ModuleType
+from typing import Callable, Mapping, Optional, Sequence
+
+
+class _QuietOptionalCloudImports(logging.Filter):
+    """Beam warns at import that the Google Cloud extras are absent; they are optional here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("apitools not found") or "Failed to import GCSFileSystem" in message
+        )
+
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+for _handler in logging.getLogger().handlers:
+    _handler.addFilter(_QuietOptionalCloudImports())
+
+# After the filter: importing Beam logs.
+from connectors import datalake  # noqa: E402
+from connectors.datalake import DatalakeUnavailable  # noqa: E402
+from connectors.files import NoInputError  # noqa: E402
+from pipelines.options import UsageError  # noqa: E402
+from samples import sample_files  # noqa: E402
+
+
+def _lazy(module: str) -> Callable[[], ModuleType]:
+    """Import pipeline modules only when used, so ``--help`` stays fast."""
+    return lambda: importlib.import_module(module)
+
+
+PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
+    "reviews": _lazy("pipelines.reviews"),
+    "products": _lazy("pipelines.products"),
+    "emotions": _lazy("pipelines.emotions"),
+    "stream": _lazy("pipelines.stream"),
+}
+NEEDS_INPUT = {"reviews", "products"}
+
+# Commands that are not pipelines: name -> (help, module with add_arguments and main).
+TOOLS: dict[str, tuple[str, str]] = {
+    "generate": ("write synthetic dataset files in the real formats", "samples.generate"),
+    "notebook": ("start JupyterLab on notebooks/, connected to the datalake", "analysis.notebook"),
+    "serve": (
+        "REST service: ingest NDJSON into the landing zone, start and watch jobs",
+        "server.app",
+    ),
+    "stream": (
+        "send a dataset file to the REST service in batches (progress, retries)",
+        "server.client",
+    ),
+    "train-emotions": (
+        "retrain the default emotion head on GoEmotions (--data DIR)",
+        "training.emotions",
+    ),
+}
+EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable)
+
+
+def is_expected(error: BaseException) -> bool:
+    """Errors that are the user's input, shown as one line (exit 2) rather than a traceback.
+
+    The emotion module (and torch with it) is only checked once something imported it.
+    """
+    if isinstance(error, EXPECTED_ERRORS):
+        return True
+    emotion = sys.modules.get("transforms.emotion")
+    return emotion is not None and isinstance(error, emotion.EmotionModelError)
+
+
+# Measured in bench/ingest.py (bench/RESULTS.md): the in-process FnApiRunner, called
+# directly, beat the DirectRunner (which first tries to download Prism, without a
+# timeout, then falls back to it) and multi_processing (records cross processes).
+DEFAULT_BEAM_ARGS = ("--runner", "FnApiRunner")
+# Emotion inference releases the GIL: two single-threaded workers sharing one model
+# measured fastest on 2 cores (bench/emotion_speed.py); 0 means one per core.
+EMOTION_WORKERS = ("--direct_num_workers", "0")
+
+
+def names() -> list[str]:
+    """Pipeline names, in the order ``list`` shows them."""
+    return list(PIPELINES)
+
+
+def with_default_runner(argv: Sequence[str], emotions: bool = False) -> list[str]:
+    """Add the measured default runner flags unless the user chose them."""
+    argv = list(argv)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
+        argv = list(DEFAULT_BEAM_ARGS) + argv
+    if emotions and not any(a.startswith("--direct_num_workers") for a in argv):
+        argv = list(EMOTION_WORKERS) + argv
+    return argv
+
+
+def run_samples(argv: Sequence[str]) -> list:
+    """The main job: ingest the bundled samples (all three generations), products then
+    reviews, then classify the emotions of every review."""
+    summaries = []
+    for name, files in sample_files().items():
+        inputs = [arg for f in files for arg in ("--input", f)]
+        summaries.append(PIPELINES[name]().run(with_default_runner(list(argv) + inputs)))
+    summaries.append(PIPELINES["emotions"]().run(with_default_runner(argv, emotions=True)))
+    return summaries
+
+
+def db_command(action: str, dsn: Optional[str]) -> int:
+    """``db url`` prints the DSN (starting the embedded server); ``status`` the tables."""
+    if action == "stop":
+        stopped = datalake.stop_embedded()
+        print("embedded datalake stopped" if stopped else "embedded datalake was not running")
+        return 0
+    resolved = datalake.resolve_dsn(dsn)
+    if action == "url":
+        print(resolved)
+        return 0
+    applied = datalake.migrate(resolved)
+    counts = datalake.table_counts(resolved, datalake.DATALAKE_TABLES)
+    print(f"datalake: {datalake.redact(resolved)}")
+    if applied:
+        print(f"migrations applied now: {', '.join(applied)}")
+    print(f"schema: {', '.join(name for _, name, _ in datalake.migrations())}")
+    for table, count in counts.items():
+        print(f"  {table:<16} {count:>12,} rows")
+    return 0
+
+
+def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines",
+        description="TermiDator: Amazon review datasets -> Postgres datalake, with Beam.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log Beam's own INFO lines")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a pipeline (no name: ingest the bundled samples)",
+        description="Run a pipeline. Unknown flags are Beam pipeline options.",
+    )
+    run.add_argument(
+        "pipeline",
+        nargs="?",
+        help="one of: " + ", ".join(names()) + "; then its flags and Beam's",
+    )
+
+    commands.add_parser("list", help="list the pipelines")
+
+    db = commands.add_parser("db", help="the datalake: url, status, stop")
+    db.add_argument("action", choices=["url", "status", "stop"])
+    db.add_argument("--dsn", default=None, help="default $TERMIDATOR_DSN, else embedded")
+
+    for name, (help_text, module) in TOOLS.items():
+        tool = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # a tool's module (FastAPI, Jupyter, ...) loads only when used
+            importlib.import_module(module).add_arguments(tool)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run_args: list[str] = []
+    if "run" in argv[:2] and not {"-h", "--help"} & set(argv[argv.index("run") + 1 :][:1]):
+        # Everything after `run` belongs to the pipeline and Beam, verbatim.
+        split = argv.index("run") + 1
+        argv, run_args = argv[:split], argv[split:]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args, extra = _parser(command).parse_known_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    for ours in ("pipelines", "connectors", "transforms", "server"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    try:
+        return _dispatch(args, extra, run_args)
+    except Exception as error:
+        if not is_expected(error):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str], run_args: list[str]) -> int:
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "run":
+        rest = run_args + extra
+        if rest and not rest[0].startswith("-"):
+            return _run(rest[0], rest[1:])
+        return _run(None, rest)
+    if extra:
+        raise UsageError(f"unrecognised arguments: {' '.join(extra)} (see --help)")
+    if args.command == "list":
+        for name, module in PIPELINES.items():
+            print(f"{name:<10} {module().DESCRIPTION}")
+        return 0
+    if args.command == "db":
+        return db_command(args.action, args.dsn)
+    return importlib.import_module(TOOLS[args.command][1]).main(args)
+
+
+def _run(pipeline: Optional[str], argv: list[str]) -> int:
+    if pipeline is None:
+        if any(a == "--input" or a.startswith("--input=") for a in argv):
+            raise UsageError("name the pipeline: `run reviews --input ...` or `run products ...`")
+        summaries = run_samples(argv)
+    else:
+        if pipeline not in PIPELINES:
+            raise UsageError(
+                f"unknown pipeline {pipeline!r}; choose one of: "
+                f"{', '.join(names())} (`python -m pipelines list`)"
+            )
+        module = PIPELINES[pipeline]()
+        if pipeline in NEEDS_INPUT and not any(
+            a == "--input" or a.startswith("--input=") for a in argv
+        ):
+            raise UsageError(f"`run {pipeline}` needs --input PATH_OR_GLOB")
+        emotions = pipeline == "emotions" or "--emotions" in argv
+        summaries = [module.run(with_default_runner(argv, emotions))]
+    for summary in summaries:
+        print(summary.format())
+    return 0
