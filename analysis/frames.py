@@ -15,6 +15,7 @@ import pandas as pd
 from psycopg import sql
 
 from connectors import datalake
+from transforms.emotion_model import DEFAULT_MODEL, LABELS
 
 EMOTIONS_TABLE = "review_emotions"
 PERIODS = ("day", "week", "month", "quarter", "year")
@@ -335,12 +336,7 @@ def sample_file(name: str) -> str:
 
 
 def emotion_constants() -> tuple[str, tuple[str, ...]]:
-    """The emotion pipeline's default model and labels, from ``transforms.emotion``.
-
-    Imported on first use: that module brings torch, which the other analyses never need.
-    """
-    from transforms.emotion import DEFAULT_MODEL, LABELS
-
+    """The emotion pipeline's default model and labels."""
     return DEFAULT_MODEL, tuple(LABELS)
 
 

@@ -118,25 +118,23 @@ def _cleaned_records(pipeline, path: str, kind: str):
     """The pipeline's own read -> parse -> clean of one file: (its table spec, the records)."""
     from connectors.files import ReadDataset
     from connectors.sink import PRODUCTS, REVIEWS
-    from transforms.clean import CleanProducts, CleanReviews
-    from transforms.parse import ParseRecords
+    from pipelines.composites import RECORDS, ReadParseClean
 
-    spec, clean = (REVIEWS, CleanReviews) if kind == "reviews" else (PRODUCTS, CleanProducts)
-    lines = pipeline | "Read" >> ReadDataset([path], spec.table)
-    parsed = lines.records | "Parse" >> ParseRecords(kind[:-1], spec.table)
-    return spec, (parsed.records | "Clean" >> clean(spec.table)).records
+    spec = REVIEWS if kind == "reviews" else PRODUCTS
+    source = ReadDataset([path], spec.table)
+    return spec, (pipeline | ReadParseClean(source, kind[:-1], spec.table))[RECORDS]
 
 
 def _run_timed(pipeline) -> dict:
     """Run a bench pipeline the way ``execute`` does; rows read and seconds."""
-    from pipelines.common import bulk_garbage_collection, collect_counters
+    from pipelines.lifecycle import beam_counters, bulk_garbage_collection
 
     started = time.perf_counter()
     with bulk_garbage_collection():
         result = pipeline.run()
         result.wait_until_finish()
     seconds = time.perf_counter() - started
-    return {"rows": collect_counters(result).get("records_read", 0), "seconds": seconds}
+    return {"rows": beam_counters(result).get("records_read", 0), "seconds": seconds}
 
 
 def _bench_pipeline():
@@ -217,10 +215,10 @@ def step_database(dsn: str, path: str, kind: str) -> dict:
         DEFAULT_BATCH_SIZE,
         PRODUCTS,
         REVIEWS,
-        connect_stage,
+        open_stage,
         write_through_stage,
     )
-    from pipelines.common import bulk_garbage_collection
+    from pipelines.lifecycle import bulk_garbage_collection
     from transforms.clean import CLEANERS, CleanError
     from transforms.parse import ParseError, parse_record
     from transforms.records import RawRecord
@@ -235,17 +233,16 @@ def step_database(dsn: str, path: str, kind: str) -> dict:
             except (ParseError, CleanError):
                 pass
     gc.freeze()  # the prepared records are not garbage: keep the collector off them
-    stage = f"stage_{spec.table}"
-    statements = spec.copy_sql(stage), spec.stage_types, spec.upsert_sql(stage)
     result = {"rows": len(records)}
-    with connect_stage(dsn, spec, stage) as conn:
+    with open_stage(dsn, spec) as conn:
         for table_state in ("empty", "full"):
             cpu_before = _backend_cpu_s(conn)
             started = time.perf_counter()
             with bulk_garbage_collection():
                 for first in range(0, len(records), DEFAULT_BATCH_SIZE):
                     rows = spec.copy_rows(records[first : first + DEFAULT_BATCH_SIZE])
-                    write_through_stage(conn, *statements, rows)
+                    with conn.transaction():
+                        write_through_stage(conn, spec, rows)
             seconds = time.perf_counter() - started
             cpu_after = _backend_cpu_s(conn)
             result[f"seconds_{table_state}"] = seconds

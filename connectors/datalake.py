@@ -7,9 +7,11 @@ itself, ``sink`` for the bulk writer, ``landing`` for the landing zone's ledger.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
+import socket
 import uuid
 import warnings
 from importlib import resources
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import psycopg
+import psycopg.rows
 from psycopg import sql
 
 DATALAKE_TABLES = (
@@ -95,16 +98,92 @@ def stop_embedded(home: Optional[Path] = None) -> bool:
     return True
 
 
+# Every connection has a connect timeout, a statement timeout and TCP keepalives (a cut
+# network is noticed in ~30 s instead of the kernel's minutes; ignored on Unix sockets).
+CONNECT_TIMEOUT_S = 10
+STATEMENT_TIMEOUT_S = 300
+_TCP = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+def open_connection(
+    dsn: str, statement_timeout_s: float = STATEMENT_TIMEOUT_S, **kwargs: Any
+) -> psycopg.Connection:
+    """A connection with the timeouts; psycopg's own errors pass through (for retry loops)."""
+    options = f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+    return psycopg.connect(
+        dsn, connect_timeout=CONNECT_TIMEOUT_S, options=options, **_TCP, **kwargs
+    )
+
+
 def connect(dsn: str, **kwargs: Any) -> psycopg.Connection:
     """Open a connection, turning failure into a one-line error that names the fix."""
     try:
-        return psycopg.connect(dsn, connect_timeout=10, **kwargs)
+        return open_connection(dsn, **kwargs)
     except psycopg.Error as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DatalakeUnavailable(
-            f"cannot connect to Postgres at {redact(dsn)}: {reason}; fix --dsn or "
-            "TERMIDATOR_DSN, or unset both to use the embedded datalake"
-        ) from None
+        raise DatalakeUnavailable(unreachable(dsn, error)) from None
+
+
+def first_line(error: BaseException) -> str:
+    """An error's message, first line only (psycopg adds context lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def is_embedded(dsn: str) -> bool:
+    """Whether the DSN is the embedded datalake's (its socket lives under the home)."""
+    try:
+        host = psycopg.conninfo.conninfo_to_dict(dsn).get("host") or ""
+    except psycopg.Error:
+        return False
+    return str(host).startswith(str(termidator_home()))
+
+
+def unreachable(dsn: str, error: BaseException) -> str:
+    """Why the datalake cannot be reached, and what to do about it, in one line."""
+    if is_embedded(dsn):
+        fix = "the embedded datalake is not running: `python -m pipelines db status` restarts it"
+    else:
+        fix = "fix --dsn or TERMIDATOR_DSN, or unset both to use the embedded datalake"
+    return f"cannot connect to Postgres at {redact(dsn)}: {first_line(error)}; {fix}"
+
+
+# --- whose fault: a row's, or the connection's ----------------------------------------
+
+# SQLSTATE classes a row causes: data exception, integrity violation, program limit
+# (e.g. 54000 index row size). Such a row goes to the dead letters alone.
+ROW_FAULT_CLASSES = frozenset({"22", "23", "54"})
+# Classes of the connection or server: connection exception, transaction rollback
+# (deadlock, serialization), insufficient resources, operator intervention (shutdown,
+# statement timeout), system error. Retried with backoff for a bounded time.
+TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+# What a row can fail with before it reaches the server: a value that cannot be encoded
+# for COPY (a lone surrogate, an int8 overflow).
+ENCODING_ERRORS = (UnicodeError, ValueError, TypeError, OverflowError)
+
+
+def is_row_fault(error: BaseException) -> bool:
+    """Whether a row caused the error (decided by SQLSTATE class, not exception type)."""
+    if isinstance(error, ENCODING_ERRORS):
+        return True
+    state = getattr(error, "sqlstate", None)
+    return bool(state) and state[:2] in ROW_FAULT_CLASSES
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether the connection or server failed (worth retrying): a transient SQLSTATE
+    class, or a psycopg error with none at all (the connection was lost)."""
+    if not isinstance(error, psycopg.Error):
+        return False
+    state = getattr(error, "sqlstate", None)
+    if state:
+        return state[:2] in TRANSIENT_CLASSES
+    return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
 def redact(dsn: str) -> str:
@@ -186,21 +265,72 @@ def table_counts(dsn: str, tables: Iterable[str]) -> dict[str, int]:
         }
 
 
+def ping(dsn: str) -> None:
+    """Raise unless the datalake answers within a few seconds."""
+    with open_connection(dsn, statement_timeout_s=5, autocommit=True) as conn:
+        conn.execute("SELECT 1")
+
+
+def overview(dsn: str) -> dict[str, Any]:
+    """Rows per table, dead letters by stage, and the newest stream stats window."""
+    from connectors import stats  # the stats live with the stream's sinks
+
+    counts = table_counts(dsn, DATALAKE_TABLES)
+    with connect(dsn, autocommit=True) as conn:
+        by_stage = dict(
+            conn.execute("SELECT stage, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1")
+        )
+        newest = stats.newest_window(conn)
+    return {
+        "tables": counts,
+        "dead_letters": {"total": counts.get("dead_letters", 0), "by_stage": by_stage},
+        "review_stats": {"rows": counts.get("review_stats", 0), "newest_window": newest},
+    }
+
+
 # --- runs ---------------------------------------------------------------------------
+
+# The launcher's heartbeat: a run on another host whose heartbeat is older than
+# STALE_AFTER_S is abandoned; on this host, a run whose process is gone is, at once.
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 60.0
+RUN_STATES = ("RUNNING", "DONE", "FAILED", "CANCELLED", "ABANDONED")
+
+
+def _this_process() -> tuple[str, int, datetime.datetime]:
+    import psutil
+
+    started = psutil.Process().create_time()
+    return socket.gethostname(), os.getpid(), _utc(started)
+
+
+def _utc(seconds: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
 
 
 def start_run(
     dsn: str, pipeline: str, options: Mapping[str, Any], run_id: Optional[str] = None
 ) -> str:
-    """Record a run as RUNNING and return its id."""
+    """Record a run as RUNNING, with the process that runs it; returns its id."""
     run_id = run_id or str(uuid.uuid4())
+    host, pid, started = _this_process()
     with connect(dsn) as conn:
         conn.execute(
-            "INSERT INTO pipeline_runs (run_id, pipeline, options, state)"
-            " VALUES (%s, %s, %s::jsonb, 'RUNNING')",
-            (run_id, pipeline, json.dumps(options, default=str)),
+            "INSERT INTO pipeline_runs (run_id, pipeline, options, state, host, pid,"
+            " process_started_at, heartbeat_at)"
+            " VALUES (%s, %s, %s::jsonb, 'RUNNING', %s, %s, %s, now())",
+            (run_id, pipeline, json.dumps(options, default=str), host, pid, started),
         )
     return run_id
+
+
+def heartbeat(conn: psycopg.Connection, run_id: str, runner: Optional[str] = None) -> None:
+    """The run is alive (and, once known, which runner really runs it)."""
+    conn.execute(
+        "UPDATE pipeline_runs SET heartbeat_at = now(), runner = coalesce(%s, runner)"
+        " WHERE run_id = %s AND state = 'RUNNING'",
+        (runner, run_id),
+    )
 
 
 def finish_run(
@@ -209,7 +339,122 @@ def finish_run(
     """Record how a run ended: state, the runner that really ran, its counters."""
     with connect(dsn) as conn:
         conn.execute(
-            "UPDATE pipeline_runs SET state = %s, runner = %s, counters = %s::jsonb,"
-            " finished_at = now() WHERE run_id = %s",
+            "UPDATE pipeline_runs SET state = %s, runner = coalesce(%s, runner),"
+            " counters = %s::jsonb, finished_at = now() WHERE run_id = %s",
             (state, runner, json.dumps(dict(counters)), run_id),
         )
+
+
+def _gone(host: Optional[str], pid: Optional[int], started: Optional[datetime.datetime]) -> bool:
+    """Whether a run's process, on this host, no longer exists (or its pid was reused)."""
+    import psutil
+
+    if host != socket.gethostname() or pid is None:
+        return False
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    return started is not None and abs(created - started.timestamp()) > 1.0
+
+
+def mark_abandoned(conn: psycopg.Connection) -> list[str]:
+    """Mark RUNNING runs whose process is gone (this host) or whose heartbeat is stale
+    (any host) as ABANDONED; returns their ids. Every reader of runs calls this first."""
+    rows = conn.execute(
+        "SELECT run_id, host, pid, process_started_at,"
+        " coalesce(heartbeat_at, started_at) < now() - %s * interval '1 second'"
+        " FROM pipeline_runs WHERE state = 'RUNNING'",
+        (STALE_AFTER_S,),
+    ).fetchall()
+    gone = [
+        str(run) for run, host, pid, started, stale in rows if stale or _gone(host, pid, started)
+    ]
+    if gone:
+        conn.execute(
+            "UPDATE pipeline_runs SET state = 'ABANDONED', finished_at = coalesce("
+            " finished_at, heartbeat_at, now()) WHERE run_id = ANY(%s::uuid[])"
+            " AND state = 'RUNNING'",
+            (gone,),
+        )
+    return gone
+
+
+def recent_runs(dsn: str, limit: int = 20, pipeline: Optional[str] = None) -> list[dict]:
+    """The latest runs, newest first, each as a dict (abandoned ones marked so first)."""
+    with connect(dsn, autocommit=True) as conn:
+        mark_abandoned(conn)
+        cursor = conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cursor.execute(
+            "SELECT run_id::text, pipeline, state, runner, started_at, finished_at,"
+            " heartbeat_at, host, pid, counters, options FROM pipeline_runs"
+            " WHERE %(pipeline)s::text IS NULL OR pipeline = %(pipeline)s"
+            " ORDER BY started_at DESC LIMIT %(limit)s",
+            {"pipeline": pipeline, "limit": limit},
+        ).fetchall()
+
+
+def record_watermark(conn: psycopg.Connection, run_id: str, watermark: Any) -> None:
+    """A streaming run's event-time watermark (a Beam Timestamp), for what reads it."""
+    conn.execute(
+        "UPDATE pipeline_runs SET watermark = to_timestamp(%s / 1e6)"
+        " WHERE run_id = %s AND (watermark IS NULL OR watermark < to_timestamp(%s / 1e6))",
+        (watermark.micros, run_id, watermark.micros),
+    )
+
+
+def run_of_job(dsn: str, job_name: str) -> Optional[dict[str, Any]]:
+    """The latest run started with ``--job_name`` (the REST service's jobs)."""
+    with connect(dsn, autocommit=True) as conn:
+        mark_abandoned(conn)
+        row = conn.execute(
+            "SELECT run_id::text, state, runner, counters, started_at, finished_at"
+            " FROM pipeline_runs WHERE options->>'job_name' = %s"
+            " ORDER BY started_at DESC LIMIT 1",
+            (job_name,),
+        ).fetchone()
+    if row is None:
+        return None
+    run_id, state, runner, counters, started, finished = row
+    return {
+        "run_id": run_id,
+        "state": state,
+        "runner": runner,
+        "counters": counters,
+        "started_at": started.isoformat(),
+        "finished_at": finished and finished.isoformat(),
+    }
+
+
+def cancel_runs_of_job(dsn: str, job_name: str) -> None:
+    """Record a cancelled job's run CANCELLED (if the job did not record it itself)."""
+    with connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE pipeline_runs SET state = 'CANCELLED',"
+            " finished_at = coalesce(finished_at, now())"
+            " WHERE options->>'job_name' = %s AND state IN ('RUNNING', 'FAILED', 'ABANDONED')",
+            (job_name,),
+        )
+
+
+def add_run_counters(
+    conn: psycopg.Connection, run_id: str, source: str, counts: Mapping[str, int]
+) -> None:
+    """Add to a run's counters, in the caller's transaction (so they count what commits)."""
+    conn.execute(
+        "INSERT INTO run_counters AS c (run_id, source, name, value)"
+        " SELECT %s, %s, name, value FROM unnest(%s::text[], %s::bigint[]) AS v (name, value)"
+        " ON CONFLICT (run_id, source, name) DO UPDATE SET value = c.value + EXCLUDED.value",
+        (run_id, source, list(counts), list(counts.values())),
+    )
+
+
+def run_counters(conn: psycopg.Connection, run_id: str) -> dict[str, int]:
+    """A run's committed counters, summed over its writers."""
+    return {
+        name: int(value)
+        for name, value in conn.execute(
+            "SELECT name, sum(value) FROM run_counters WHERE run_id = %s GROUP BY name",
+            (run_id,),
+        )
+    }

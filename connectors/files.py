@@ -9,8 +9,6 @@ before the break and the break itself becomes a dead letter.
 from __future__ import annotations
 
 import logging
-import sys
-import time
 import zlib
 from typing import Iterable, Iterator, Sequence, Union
 
@@ -20,7 +18,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from transforms.parse import DEAD_LETTERS, METRICS_NAMESPACE
+from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE
 from transforms.records import DeadLetter, RawRecord
 
 READ_STAGE = "read"
@@ -138,54 +136,55 @@ def _gunzip(head: bytes, raw) -> Iterator[bytes]:
         raise TruncatedFileError("gzip stream ends before its end marker (truncated file)")
 
 
+def read_lines(path: str, pipeline_name: str) -> Iterator[Union[RawRecord, DeadLetter]]:
+    """A RawRecord per non-blank line of a dataset file; a DeadLetter per line that is not
+    text, for a truncated end (after every complete line before it) or an unreadable file."""
+    count = 0
+    try:
+        for first, block in iter_blocks(path):
+            for number, text in enumerate(_decode_block(block), first):
+                if type(text) is str:
+                    if text and not text.isspace():
+                        count += 1
+                        yield RawRecord(path, number, text)
+                else:
+                    yield DeadLetter(pipeline_name, READ_STAGE, path, number, text.raw, str(text))
+    except TruncatedFileError as error:
+        partial = getattr(error, "partial", b"")
+        yield DeadLetter(
+            pipeline_name,
+            READ_STAGE,
+            path,
+            getattr(error, "line", None),
+            partial.decode("utf-8", "replace") if partial else None,
+            f"{error}; {count} complete records before line "
+            f"{getattr(error, 'line', '?')} were read",
+        )
+    except OSError as error:
+        yield DeadLetter(pipeline_name, READ_STAGE, path, None, None, f"cannot read file: {error}")
+
+
 class ReadLinesFn(beam.DoFn):
     """One file path -> a RawRecord per non-blank line; unreadable lines are dead letters."""
 
-    def __init__(self, pipeline_name: str, progress_every_s: float = 10.0):
+    def __init__(self, pipeline_name: str):
         self._pipeline_name = pipeline_name
-        self._progress_every_s = progress_every_s
         self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
         self._files = Metrics.counter(METRICS_NAMESPACE, "files_read")
         self._rejected = Metrics.counter(METRICS_NAMESPACE, "read_dead_letters")
 
     def process(self, path: str) -> Iterable:
-        started = last_report = time.monotonic()
-        count = 0
-        try:
-            for first, block in iter_blocks(path):
-                for number, text in enumerate(_decode_block(block), first):
-                    if type(text) is str:
-                        if text and not text.isspace():
-                            count += 1
-                            yield RawRecord(path, number, text)
-                    else:
-                        yield self._dead(path, number, text.raw, text)
-                now = time.monotonic()
-                if now - last_report >= self._progress_every_s:
-                    last_report = now
-                    _report(path, count, now - started)
-        except TruncatedFileError as error:
-            partial = getattr(error, "partial", b"")
-            yield self._dead(
-                path,
-                getattr(error, "line", None),
-                partial.decode("utf-8", "replace") if partial else None,
-                f"{error}; {count} complete records before line "
-                f"{getattr(error, 'line', '?')} were read",
-            )
-        except OSError as error:
-            yield self._dead(path, None, None, f"cannot read file: {error}")
-        finally:
-            self._read.inc(count)
-            self._files.inc()
-            if last_report != started:  # progress was shown: close it with the total
-                _report(path, count, time.monotonic() - started, final=True)
-
-    def _dead(self, path, line, raw, error) -> pvalue.TaggedOutput:
-        self._rejected.inc()
-        return pvalue.TaggedOutput(
-            DEAD_LETTERS, DeadLetter(self._pipeline_name, READ_STAGE, path, line, raw, str(error))
-        )
+        read = rejected = 0
+        for item in read_lines(path, self._pipeline_name):
+            if type(item) is RawRecord:
+                read += 1
+                yield item
+            else:
+                rejected += 1
+                yield pvalue.TaggedOutput(DEAD_LETTERS, item)
+        self._read.inc(read)
+        self._rejected.inc(rejected)
+        self._files.inc()
 
 
 def _decode_block(block: bytes) -> list[Union[str, "_NotText"]]:
@@ -217,15 +216,6 @@ class _NotText:
 
     def __str__(self) -> str:
         return self.message
-
-
-def _report(path: str, count: int, elapsed: float, final: bool = False) -> None:
-    """Progress of a long read: one self-updating line on a terminal, else a log line."""
-    message = f"{path}: {count:,} records read ({count / max(elapsed, 1e-9):,.0f}/s)"
-    if sys.stderr.isatty():
-        print(f"\r{message}", end="\n" if final else "", file=sys.stderr, flush=True)
-    else:
-        _LOG.info(message)
 
 
 class ReadDataset(beam.PTransform):

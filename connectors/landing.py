@@ -8,17 +8,21 @@ is done. The streaming source over the zone is ``connectors.landing_source``.
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
 import os
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import psycopg
 
-from connectors.datalake import termidator_home
+from connectors import datalake
+from connectors.datalake import connect, termidator_home
+from connectors.sink import CommitHook
 from transforms.records import PRODUCT, REVIEW
 
 DATASETS: Mapping[str, str] = {"reviews": REVIEW, "products": PRODUCT}
@@ -161,7 +165,7 @@ def list_landed(directory: Union[str, Path]) -> list[LandedFile]:
 def backlog(dsn: str, root: Optional[Path] = None) -> dict[str, dict[str, Any]]:
     """Per dataset: landed files no run has finished yet (files, bytes, oldest age in s)."""
     out = {}
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, autocommit=True) as conn:
         for dataset in DATASETS:
             landed = list_landed(landing_dir(dataset, root, create=False))
             done = {
@@ -180,3 +184,205 @@ def backlog(dsn: str, root: Optional[Path] = None) -> dict[str, dict[str, Any]]:
                 "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
             }
     return out
+
+
+# --- the ledger: which run claimed a file, and how much of it is settled ---------------
+
+
+class Claim(NamedTuple):
+    """A file this run now emits, and the run whose claim it took over (if any)."""
+
+    file: LandedFile
+    replaces_run: Optional[str]
+
+
+class Waiting(NamedTuple):
+    """A file another live run has claimed: who, and when its claim goes stale."""
+
+    name: str
+    run_id: str
+    stale_at: datetime.datetime
+
+
+class Ledger:
+    """One streaming run's side of ``landing_files`` in a dataset: heartbeat its claims,
+    claim new files (or those of runs that died), record how many records a file had.
+
+    A claim held by a run that is no longer RUNNING (its process is gone: ABANDONED, or
+    it ended) is taken over at once; a live run's claim only once its heartbeat is older
+    than ``stale_after`` seconds. Files waiting on a live claim are listed in ``waiting``.
+    """
+
+    def __init__(self, dsn: str, dataset: str, run_id: str, stale_after: float = 300.0):
+        self.dsn = dsn
+        self.dataset = dataset
+        self.run_id = run_id
+        self.stale_after = stale_after
+        self.waiting: list[Waiting] = []
+        self._conn: Optional[psycopg.Connection] = None
+        self._done: set[str] = set()  # not asked about again
+        self._counter_source = f"landing-{run_id[:8]}-{os.getpid()}"
+
+    def connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = datalake.open_connection(self.dsn, autocommit=True)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def poll(
+        self, landed: Sequence[LandedFile], in_flight: frozenset, max_files: int, max_bytes: int
+    ) -> tuple[frozenset, list[Claim]]:
+        """Heartbeat this run's claims and claim what is new (or orphaned), within the
+        budgets; returns (the in-flight files still worth remembering, the new claims)."""
+        landed = [f for f in landed if f.name not in self._done]
+        conn = self.connection()
+        datalake.mark_abandoned(conn)
+        with conn.transaction():
+            conn.execute(
+                "UPDATE landing_files SET heartbeat_at = now()"
+                " WHERE run_id = %s AND state = 'claimed'",
+                (self.run_id,),
+            )
+            rows = conn.execute(
+                "SELECT l.name, l.state, l.run_id::text, l.heartbeat_at < now() - %s * interval"
+                " '1 second', r.state, l.heartbeat_at + %s * interval '1 second'"
+                " FROM landing_files l LEFT JOIN pipeline_runs r USING (run_id)"
+                " WHERE l.dataset = %s AND l.name = ANY(%s) FOR UPDATE OF l",
+                (self.stale_after, self.stale_after, self.dataset, [f.name for f in landed]),
+            ).fetchall()
+            ledger = {row[0]: row[1:] for row in rows}
+            self._done.update(n for n, row in ledger.items() if row[0] == "done")
+            present = {f.name for f in landed}
+            keep = frozenset(
+                n for n in in_flight if n in present and ledger.get(n, ("",))[0] != "done"
+            )
+            claimed: list[Claim] = []
+            waiting: list[Waiting] = []
+            budget = max_bytes
+            for landed_file in landed:
+                if len(claimed) >= max_files or (claimed and landed_file.bytes > budget):
+                    break
+                if landed_file.name in in_flight:
+                    continue
+                row = ledger.get(landed_file.name)
+                claim = self._claim(conn, landed_file, row)
+                if claim is not None:
+                    claimed.append(claim)
+                    budget -= landed_file.bytes
+                elif row is not None and row[0] == "claimed":
+                    waiting.append(Waiting(landed_file.name, row[1], row[4]))
+        if waiting != self.waiting and waiting:
+            owners = sorted({w.run_id for w in waiting})
+            _LOG.warning(
+                "%d landed file(s) wait on the claim of live run(s) %s, until %s at the latest",
+                len(waiting),
+                ", ".join(owners),
+                max(w.stale_at for w in waiting).isoformat(timespec="seconds"),
+            )
+        self.waiting = waiting
+        return keep, claimed
+
+    def _claim(self, conn, landed: LandedFile, row) -> Optional[Claim]:
+        if row is None:
+            inserted = conn.execute(
+                "INSERT INTO landing_files (dataset, name, path, bytes, state, run_id)"
+                " VALUES (%s, %s, %s, %s, 'claimed', %s) ON CONFLICT DO NOTHING RETURNING name",
+                (self.dataset, landed.name, landed.path, landed.bytes, self.run_id),
+            ).fetchone()
+            return Claim(landed, None) if inserted else None
+        state, run_id, stale, run_state, _ = row
+        if state == "done":
+            return None
+        mine = run_id == self.run_id  # emitted by a failed attempt of this run: retried
+        if not (mine or stale or run_state != "RUNNING"):
+            return None  # another live run has it
+        # The earlier claim's dead letters for this file are replaced by this reading.
+        conn.execute(
+            "DELETE FROM dead_letters WHERE source = %s AND run_id = %s", (landed.path, run_id)
+        )
+        conn.execute(
+            "UPDATE landing_files SET run_id = %s, path = %s, bytes = %s, records = NULL,"
+            " settled = 0, attempts = attempts + 1, claimed_at = now(), heartbeat_at = now()"
+            " WHERE dataset = %s AND name = %s",
+            (self.run_id, landed.path, landed.bytes, self.dataset, landed.name),
+        )
+        if not mine:
+            _LOG.warning("taking over %s from run %s (%s)", landed.path, run_id, run_state)
+        return Claim(landed, run_id)
+
+    def emitted(self, name: str, records: int, dead_letters: int) -> None:
+        """A claimed file is read: it is done once ``records + dead_letters`` items are
+        settled (already, if the sinks were quicker than this)."""
+        conn = self.connection()
+        with conn.transaction():
+            conn.execute(
+                "UPDATE landing_files SET records = %(n)s,"
+                " state = CASE WHEN settled >= %(n)s THEN 'done' ELSE state END,"
+                " done_at = CASE WHEN settled >= %(n)s THEN now() END"
+                " WHERE dataset = %(dataset)s AND name = %(name)s AND run_id = %(run)s",
+                {
+                    "n": records + dead_letters,
+                    "dataset": self.dataset,
+                    "name": name,
+                    "run": self.run_id,
+                },
+            )
+            datalake.add_run_counters(
+                conn,
+                self.run_id,
+                self._counter_source,
+                {"records_read": records, "read_dead_letters": dead_letters, "files_read": 1},
+            )
+
+
+# One statement per committed batch, in its transaction: the files' settled counts go up,
+# and a file whose every emitted record is settled is done (the source sets ``records``).
+_SETTLE_SQL = """
+UPDATE landing_files l
+SET settled = l.settled + v.n,
+    state = CASE WHEN l.records IS NOT NULL AND l.settled + v.n >= l.records
+                 THEN 'done' ELSE l.state END,
+    done_at = CASE WHEN l.records IS NOT NULL AND l.settled + v.n >= l.records
+                   THEN now() ELSE l.done_at END
+FROM unnest(%s::text[], %s::int[]) AS v (name, n)
+WHERE l.dataset = %s AND l.name = v.name AND l.run_id = %s AND l.state = 'claimed'
+"""
+
+
+class SettleLandedFiles(CommitHook):
+    """Each committed batch settles its records' landed files, in its own transaction:
+    a file is done once every record read from it is a row or a dead letter."""
+
+    def __init__(self, dataset: str, run_id: str):
+        self._dataset = dataset
+        self._run_id = run_id
+
+    def on_commit(self, conn: psycopg.Connection, records: Sequence[Any]) -> dict[str, int]:
+        names = collections.Counter(
+            os.path.basename(r.source) for r in records if getattr(r, "source", None)
+        )
+        if names:
+            conn.execute(
+                _SETTLE_SQL, (list(names), list(names.values()), self._dataset, self._run_id)
+            )
+        return {"landing_records_settled": sum(names.values())}
+
+
+def waiting_files(dsn: str, dataset: str, run_id: str) -> list[Waiting]:
+    """Files of ``dataset`` claimed by other runs that are still RUNNING."""
+    with connect(dsn, autocommit=True) as conn:
+        datalake.mark_abandoned(conn)
+        return [
+            Waiting(*row)
+            for row in conn.execute(
+                "SELECT l.name, l.run_id::text, l.heartbeat_at + interval '300 seconds'"
+                " FROM landing_files l JOIN pipeline_runs r USING (run_id)"
+                " WHERE l.dataset = %s AND l.state = 'claimed' AND l.run_id <> %s"
+                " AND r.state = 'RUNNING' ORDER BY l.name",
+                (dataset, run_id),
+            )
+        ]

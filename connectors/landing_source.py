@@ -24,11 +24,13 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from connectors.landing import LandedFile, list_landed
-from connectors.files import ReadLinesFn
+from connectors import datalake
+from connectors.landing import LandedFile, Ledger, list_landed
+from connectors.files import read_lines
 from transforms.clean import review_event_time
-from transforms.parse import DEAD_LETTERS, METRICS_NAMESPACE, decode, detect
-from transforms.records import REVIEW
+from transforms.parse import decode, detect
+from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE
+from transforms.records import REVIEW, DeadLetter, RawRecord
 
 # --- event time ---------------------------------------------------------------------
 
@@ -51,14 +53,16 @@ def event_time(text: str) -> Optional[Timestamp]:
         return None
 
 
-def timestamped(output: Any, landed_at: Timestamp) -> tuple[Any, Optional[Timestamp]]:
-    """A read output, timestamped: a record at its review time (else when its file
-    landed), a dead letter when its file landed; and the record's time (None for a dead
-    letter), which holds the watermark."""
-    if isinstance(output, pvalue.TaggedOutput):
-        return pvalue.TaggedOutput(output.tag, TimestampedValue(output.value, landed_at)), None
-    when = event_time(output.text) or landed_at
-    return TimestampedValue(output, when), when
+def timestamped(
+    item: Union[RawRecord, DeadLetter], landed_at: Timestamp
+) -> tuple[Any, Optional[Timestamp]]:
+    """An item of ``read_lines`` as the source's output: a record at its review time (else
+    when its file landed), a dead letter (tagged) when its file landed; and the record's
+    time (None for a dead letter), which holds the watermark."""
+    if type(item) is DeadLetter:
+        return pvalue.TaggedOutput(DEAD_LETTERS, TimestampedValue(item, landed_at)), None
+    when = event_time(item.text) or landed_at
+    return TimestampedValue(item, when), when
 
 
 # --- FollowLanding: the unbounded source over the landing zone -------------------
@@ -155,20 +159,16 @@ class _LandingRestrictionProvider(RestrictionProvider):
         return None  # on drain, stop following: what landed later waits for the next run
 
 
-class _Claimed(NamedTuple):
-    file: LandedFile
-    replaces_run: Optional[str]  # the run whose dead letters for this file are replaced
-
-
 class FollowLandingFn(beam.DoFn):
     """Poll a landing directory; emit each new file's lines once, then checkpoint.
 
     Main output: ``RawRecord`` timestamped with the review time (the file's mtime for
     products and for lines that are not reviews); tagged ``dead_letters``: unreadable
-    lines. Once a file is emitted its record count goes to ``landing_files``, where the
-    sinks settle it. The watermark follows the oldest event in the latest file, never
-    ahead of the wall clock. Local runners ignore a checkpoint's resume delay, so an idle poll
-    sleeps here (at most ``poll_interval``) before it checkpoints.
+    lines. Claims and record counts go to the landing zone's ``Ledger``, where the sinks
+    settle them. The watermark follows the oldest event in the latest file, never ahead
+    of the wall clock, and is recorded with the run (the stream's stats read it). Local
+    runners ignore a checkpoint's resume delay, so an idle poll sleeps here (at most
+    ``poll_interval``) before it checkpoints.
     """
 
     def __init__(
@@ -194,18 +194,21 @@ class FollowLandingFn(beam.DoFn):
         self._stale_after = stale_after
         self._max_files = max_files_per_poll
         self._max_bytes = max_bytes_per_poll
-        self._reader = ReadLinesFn(pipeline_name)
         self._claimed = Metrics.counter(METRICS_NAMESPACE, "landing_files_claimed")
         self._taken_over = Metrics.counter(METRICS_NAMESPACE, "landing_files_taken_over")
         self._behind = Metrics.counter(METRICS_NAMESPACE, "records_behind_watermark")
 
     def setup(self):
-        self._conn: Optional[psycopg.Connection] = None
-        self._known_done: set[str] = set()  # not asked about again by this worker
+        self._ledgers: dict[str, Ledger] = {}
 
     def teardown(self):
-        if self._conn is not None:
-            self._conn.close()
+        for ledger in self._ledgers.values():
+            ledger.close()
+
+    def _ledger(self, dataset: str) -> Ledger:
+        if dataset not in self._ledgers:
+            self._ledgers[dataset] = Ledger(self._dsn, dataset, self._run_id, self._stale_after)
+        return self._ledgers[dataset]
 
     @beam.DoFn.unbounded_per_element()
     def process(
@@ -222,11 +225,19 @@ class FollowLandingFn(beam.DoFn):
 
     def _follow(self, watch, restriction, tracker, watermark) -> Iterator[Any]:
         """One poll: claim new files, emit them, checkpoint (idle: sleep, checkpoint)."""
+        ledger = self._ledger(watch.dataset)
         try:
-            keep, claimed = self._poll(watch, restriction)
-        except psycopg.OperationalError as error:  # the datalake is away: try again later
-            _LOG.warning("landing poll failed, retrying: %s", str(error).strip())
-            self._close()
+            keep, claimed = ledger.poll(
+                list_landed(watch.directory),
+                restriction.in_flight,
+                self._max_files,
+                self._max_bytes,
+            )
+        except psycopg.Error as error:  # the datalake is away: try again at the next poll
+            if not datalake.is_transient(error):
+                raise
+            _LOG.warning("landing poll failed, retrying: %s", datalake.first_line(error))
+            ledger.close()
             keep, claimed = restriction.in_flight, []
         poll = _Poll(tuple(c.file.name for c in claimed), keep, time.time())
         if not tracker.try_claim(poll):
@@ -234,7 +245,10 @@ class FollowLandingFn(beam.DoFn):
         if not claimed:
             self._idle(tracker.current_restriction())
         for claim in claimed:
-            yield from self._emit(watch.dataset, claim.file, watermark)
+            self._claimed.inc()
+            if claim.replaces_run is not None:
+                self._taken_over.inc()
+            yield from self._emit(ledger, claim.file, watermark)
         tracker.defer_remainder()
 
     # -- stopping and idling
@@ -254,118 +268,29 @@ class FollowLandingFn(beam.DoFn):
         if pause > 0:
             time.sleep(pause)
 
-    # -- the ledger: claims in landing_files
-
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
-        return self._conn
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _poll(
-        self, watch: LandingWatch, restriction: LandingRestriction
-    ) -> tuple[frozenset, list[_Claimed]]:
-        """Heartbeat our claims, list the directory, claim what is new (or orphaned)."""
-        landed = [f for f in list_landed(watch.directory) if f.name not in self._known_done]
-        conn = self._connection()
-        with conn.transaction():
-            conn.execute(
-                "UPDATE landing_files SET heartbeat_at = now()"
-                " WHERE run_id = %s AND state = 'claimed'",
-                (self._run_id,),
-            )
-            ledger = {
-                name: (state, str(run_id), stale, run_state)
-                for name, state, run_id, stale, run_state in conn.execute(
-                    "SELECT l.name, l.state, l.run_id, l.heartbeat_at < now() - %s * interval"
-                    " '1 second', r.state FROM landing_files l LEFT JOIN pipeline_runs r"
-                    " USING (run_id) WHERE l.dataset = %s AND l.name = ANY(%s) FOR UPDATE OF l",
-                    (self._stale_after, watch.dataset, [f.name for f in landed]),
-                )
-            }
-            self._known_done.update(n for n, row in ledger.items() if row[0] == "done")
-            present = {f.name for f in landed}
-            keep = frozenset(
-                n
-                for n in restriction.in_flight
-                if n in present and ledger.get(n, ("",))[0] != "done"
-            )
-            claimed: list[_Claimed] = []
-            budget = self._max_bytes
-            for landed_file in landed:
-                if len(claimed) >= self._max_files or (claimed and landed_file.bytes > budget):
-                    break
-                if landed_file.name in restriction.in_flight:
-                    continue
-                claim = self._claim(conn, watch.dataset, landed_file, ledger.get(landed_file.name))
-                if claim is not None:
-                    claimed.append(claim)
-                    budget -= landed_file.bytes
-        for claim in claimed:
-            self._claimed.inc()
-            if claim.replaces_run is not None:
-                self._taken_over.inc()
-        return keep, claimed
-
-    def _claim(self, conn, dataset: str, landed: LandedFile, row) -> Optional[_Claimed]:
-        if row is None:
-            inserted = conn.execute(
-                "INSERT INTO landing_files (dataset, name, path, bytes, state, run_id)"
-                " VALUES (%s, %s, %s, %s, 'claimed', %s) ON CONFLICT DO NOTHING RETURNING name",
-                (dataset, landed.name, landed.path, landed.bytes, self._run_id),
-            ).fetchone()
-            return _Claimed(landed, None) if inserted else None
-        state, run_id, stale, run_state = row
-        if state == "done":
-            return None
-        mine = run_id == self._run_id  # emitted by a failed attempt of this run: retried
-        if not (mine or stale or run_state != "RUNNING"):
-            return None  # another live run has it
-        # The earlier claim's dead letters for this file are replaced by this reading.
-        conn.execute(
-            "DELETE FROM dead_letters WHERE source = %s AND run_id = %s", (landed.path, run_id)
-        )
-        conn.execute(
-            "UPDATE landing_files SET run_id = %s, path = %s, bytes = %s, records = NULL,"
-            " settled = 0,"
-            " attempts = attempts + 1, claimed_at = now(), heartbeat_at = now()"
-            " WHERE dataset = %s AND name = %s",
-            (self._run_id, landed.path, landed.bytes, dataset, landed.name),
-        )
-        if not mine:
-            _LOG.warning("taking over %s from run %s (%s)", landed.path, run_id, run_state)
-        return _Claimed(landed, run_id)
-
     # -- emitting a file
 
-    def _emit(self, dataset: str, landed: LandedFile, watermark) -> Iterator[Any]:
+    def _emit(self, ledger: Ledger, landed: LandedFile, watermark) -> Iterator[Any]:
         landed_at = Timestamp(landed.mtime)
         current = watermark.current_watermark()
         oldest: Optional[Timestamp] = None
-        count = 0
-        for output in self._reader.process(landed.path):
-            count += 1
-            value, when = timestamped(output, landed_at)
-            if when is not None:
+        records = dead = 0
+        for item in read_lines(landed.path, self._pipeline_name):
+            value, when = timestamped(item, landed_at)
+            if when is None:
+                dead += 1
+            else:
+                records += 1
                 if current is not None and when < current:
                     self._behind.inc()
                 oldest = when if oldest is None or when < oldest else oldest
             yield value
-        # Now the file's record count is known; it is done once that many are settled
-        # (already, if the sinks were quicker than this update).
-        self._connection().execute(
-            "UPDATE landing_files SET records = %(n)s,"
-            " state = CASE WHEN settled >= %(n)s THEN 'done' ELSE state END,"
-            " done_at = CASE WHEN settled >= %(n)s THEN now() END"
-            " WHERE dataset = %(dataset)s AND name = %(name)s AND run_id = %(run)s",
-            {"n": count, "dataset": dataset, "name": landed.name, "run": self._run_id},
-        )
+        ledger.emitted(landed.name, records, dead)
         if oldest is not None:
             advance_watermark(watermark, oldest)
+            datalake.record_watermark(
+                ledger.connection(), self._run_id, watermark.current_watermark()
+            )
 
 
 def draining(drain_file: Optional[str]) -> bool:

@@ -9,14 +9,17 @@ import time
 from typing import Any, Iterator, NamedTuple, Optional
 
 import apache_beam as beam
+import psycopg
+from apache_beam.metrics import Metrics
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Timestamp
 
+from connectors import datalake
 from connectors.landing_source import advance_watermark, draining, timestamped
-from connectors.files import NoInputError, ReadLinesFn
-from transforms.parse import DEAD_LETTERS
+from connectors.files import NoInputError, read_lines
+from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE
 
 # --- ReplayFile: any dataset file as a stream at a fixed rate ---------------------
 
@@ -70,7 +73,8 @@ class ReplayFileFn(beam.DoFn):
     """Emit a file's lines at ``rate`` records/s, checkpointing every ``chunk_s`` seconds.
 
     The reading stays open between checkpoints (resumed where it stopped, re-read and
-    skipped only on another worker). Timestamps and watermark as in ``FollowLandingFn``.
+    skipped only on another worker). Timestamps and watermark as in ``FollowLandingFn``;
+    with a ``run`` (dsn, run id) the watermark is recorded with the run.
     """
 
     def __init__(
@@ -80,24 +84,46 @@ class ReplayFileFn(beam.DoFn):
         stop_after: Optional[float] = None,
         drain_file: Optional[str] = None,
         chunk_s: float = 0.5,
+        run: Optional[tuple[str, str]] = None,
     ):
         self._pipeline_name = pipeline_name
         self._rate = rate
         self._stop_after = stop_after
         self._drain_file = drain_file
         self._chunk_s = chunk_s
+        self._run = run
+        self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
+        self._rejected = Metrics.counter(METRICS_NAMESPACE, "read_dead_letters")
 
     def setup(self):
         self._cursors: dict[tuple[str, int], _Cursor] = {}
+        self._conn: Optional[psycopg.Connection] = None
 
     def teardown(self):
         for cursor in self._cursors.values():
             cursor.items.close()
+        if self._conn is not None:
+            self._conn.close()
+
+    def _advance(self, watermark, oldest: Optional[Timestamp]) -> None:
+        if oldest is None:
+            return
+        advance_watermark(watermark, oldest)
+        if self._run is None:
+            return
+        dsn, run_id = self._run
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = datalake.open_connection(dsn, autocommit=True)
+            datalake.record_watermark(self._conn, run_id, watermark.current_watermark())
+        except psycopg.Error as error:  # the stats finalise at the next chance
+            _LOG.warning("cannot record the replay's watermark: %s", datalake.first_line(error))
+            self._conn = None
 
     def _cursor(self, path: str, start: int) -> _Cursor:
         cursor = self._cursors.pop((path, start), None)
         if cursor is None:
-            cursor = _Cursor(iter(ReadLinesFn(self._pipeline_name).process(path)))
+            cursor = _Cursor(read_lines(path, self._pipeline_name))
             if start:
                 _LOG.warning("replay of %s resumes at item %d on a new reader", path, start)
             for _ in range(start):  # a checkpoint resumed on another worker: skip ahead
@@ -133,8 +159,7 @@ class ReplayFileFn(beam.DoFn):
             item = next(cursor.items, None)
             if item is None:  # the end of the file
                 tracker.try_claim(restriction.stop)
-                if oldest is not None:
-                    advance_watermark(watermark, oldest)
+                self._advance(watermark, oldest)
                 return
             cursor.position += 1
             if self._rate:
@@ -143,11 +168,13 @@ class ReplayFileFn(beam.DoFn):
                     time.sleep(wait)
             sent += 1
             value, when = timestamped(item, landed_at)
-            if when is not None:
+            if when is None:
+                self._rejected.inc()
+            else:
+                self._read.inc()
                 oldest = when if oldest is None or when < oldest else oldest
             yield value
-        if oldest is not None:
-            advance_watermark(watermark, oldest)
+        self._advance(watermark, oldest)
         self._cursors[(replay.path, cursor.position)] = cursor
         tracker.defer_remainder()
 
@@ -165,12 +192,13 @@ class ReplayFile(beam.PTransform):
         pipeline_name: str = "stream",
         stop_after: Optional[float] = None,
         drain_file: Optional[str] = None,
+        run: Optional[tuple[str, str]] = None,
     ):
         super().__init__()
         if not os.path.isfile(path):
             raise NoInputError(f"no file to replay at {path!r}: check the path")
         self._path = os.path.abspath(path)
-        self._fn = ReplayFileFn(pipeline_name, rate, stop_after, drain_file)
+        self._fn = ReplayFileFn(pipeline_name, rate, stop_after, drain_file, run=run)
 
     def expand(self, pbegin):
         path = self._path

@@ -33,6 +33,8 @@ for _handler in logging.getLogger().handlers:
 from connectors import datalake  # noqa: E402
 from connectors.datalake import DatalakeUnavailable  # noqa: E402
 from connectors.files import NoInputError  # noqa: E402
+from pipelines import interrupts  # noqa: E402
+from pipelines.lifecycle import RunFailed, RunInterrupted, RunResult  # noqa: E402
 from pipelines.options import UsageError  # noqa: E402
 from samples import sample_files  # noqa: E402
 
@@ -183,16 +185,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger().setLevel(logging.INFO)
     for ours in ("pipelines", "connectors", "transforms", "server"):
         logging.getLogger(ours).setLevel(logging.INFO)
+    interrupts.install()
     try:
         return _dispatch(args, extra, run_args)
+    except RunInterrupted as stopped:
+        print(interrupted_line(stopped.result), file=sys.stderr)
+        return interrupts.EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left half-done", file=sys.stderr)
+        return interrupts.EXIT_INTERRUPTED
+    except RunFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        print(
+            f"  run {failed.result.run_id} recorded FAILED; what it committed is kept",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as error:
         if not is_expected(error):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+
+def interrupted_line(result: RunResult) -> str:
+    """The one line an interrupted run ends with: how far it got, and that it is kept."""
+    done = result.upserted + result.dead_letters
+    what = {"review_emotions": "reviews"}.get(result.table or "", "records")
+    return (
+        f"interrupted after {done:,} {what} (all committed; run {result.run_id} CANCELLED);"
+        " rerun to continue"
+    )
 
 
 def _dispatch(args: argparse.Namespace, extra: list[str], run_args: list[str]) -> int:

@@ -12,13 +12,15 @@ from beam_postgres.io import ReadFromPostgres
 from psycopg import sql
 from psycopg.rows import class_row
 
-from connectors.sink import REVIEW_EMOTIONS
-from pipelines.common import RunSummary, classify_emotions, execute, write_dead_letters
-from pipelines.options import EmotionOptions
-from transforms.parse import METRICS_NAMESPACE
+from connectors.sink import REVIEW_EMOTIONS, Target
+from pipelines.composites import write_emotions
+from pipelines.lifecycle import RunResult, execute
+from pipelines.options import DatalakeOptions, EmotionOptions
+from transforms.records import METRICS_NAMESPACE
 
 NAME = "emotions"
 DESCRIPTION = "reviews in the datalake without emotions -> review_emotions [--model, --limit]"
+OPTIONS = (DatalakeOptions, EmotionOptions)
 
 
 class StoredReview(NamedTuple):
@@ -55,22 +57,22 @@ def _count_read(review: StoredReview) -> StoredReview:
     return review
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions, dsn: str, run_id: str):
+def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> None:
     """Read unclassified reviews with beam-postgres, classify, upsert; returns the emotions."""
     emotion = options.view_as(EmotionOptions)
     reviews = (
         pipeline
         | "ReadUnclassified"
         >> ReadFromPostgres(
-            dsn, unclassified_query(emotion.model, emotion.limit), class_row(StoredReview)
+            target.dsn, unclassified_query(emotion.model, emotion.limit), class_row(StoredReview)
         )
         | "CountRead" >> beam.Map(_count_read)
     )
-    write_dead_letters(classify_emotions(reviews, options, dsn, NAME), dsn, run_id)
+    write_emotions(reviews, options, target)
 
 
 def run(
     argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
-) -> RunSummary:
+) -> RunResult:
     """Run the pipeline (``python -m pipelines run emotions [--model M] [--limit N]``)."""
     return execute(NAME, build, argv, test_pipeline, table=REVIEW_EMOTIONS.table)

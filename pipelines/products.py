@@ -7,31 +7,28 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.sink import PRODUCTS
-from pipelines.common import RunSummary, execute, ingest, write_dead_letters
+from connectors.files import ReadDataset
+from connectors.sink import PRODUCTS, Target
+from pipelines.composites import RECORDS, ReadParseClean, WriteDatalake
+from pipelines.lifecycle import RunResult, execute
 from pipelines.options import DatalakeOptions, IngestOptions
 from transforms.records import PRODUCT
 
 NAME = "products"
 DESCRIPTION = "product metadata files (2014/2018/2023) -> products"
+OPTIONS = (DatalakeOptions, IngestOptions)
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions, dsn: str, run_id: str):
+def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> beam.PCollection:
     """Read, parse, clean and upsert products; returns the cleaned records."""
-    records, dead_letters = ingest(
-        pipeline,
-        PRODUCT,
-        options.view_as(IngestOptions).input or [],
-        dsn,
-        PRODUCTS,
-        options.view_as(DatalakeOptions).batch_size,
-    )
-    write_dead_letters(dead_letters, dsn, run_id)
-    return records
+    source = ReadDataset(options.view_as(IngestOptions).input or [], NAME)
+    rows = pipeline | "ReadParseClean" >> ReadParseClean(source, PRODUCT, NAME)
+    _ = rows | "WriteDatalake" >> WriteDatalake(PRODUCTS, target)
+    return rows[RECORDS]
 
 
 def run(
     argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
-) -> RunSummary:
+) -> RunResult:
     """Run the pipeline (``python -m pipelines run products --input FILE ...``)."""
     return execute(NAME, build, argv, test_pipeline, table=PRODUCTS.table)

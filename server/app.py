@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from connectors import datalake, landing
+from connectors import datalake, idempotency, landing
 from server import ingest
 from server.jobs import FINAL, JobError, JobManager
 
@@ -253,7 +253,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def health() -> JSONResponse:
         """Liveness and whether the datalake answers (no token needed)."""
         try:
-            await run_in_threadpool(_ping, settings.dsn)
+            await run_in_threadpool(datalake.ping, settings.dsn)
         except psycopg.Error:
             return JSONResponse({"status": "degraded", "datalake": "unavailable"}, 503)
         return JSONResponse({"status": "ok", "datalake": "ok", "version": VERSION})
@@ -343,20 +343,9 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _ping(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=3) as conn:
-        conn.execute("SELECT 1")
-
-
 def _stats(settings: Settings, jobs: JobManager) -> dict[str, Any]:
-    counts = datalake.table_counts(settings.dsn, datalake.DATALAKE_TABLES)
-    with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=10) as conn:
-        by_stage = dict(
-            conn.execute("SELECT stage, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1")
-        )
     return {
-        "tables": counts,
-        "dead_letters": {"total": counts.get("dead_letters", 0), "by_stage": by_stage},
+        **datalake.overview(settings.dsn),
         "landing": {
             "root": str(settings.landing_root),
             "backlog": landing.backlog(settings.dsn, settings.landing_root),
@@ -425,9 +414,14 @@ async def _ingest(
     if key is not None:
         try:
             name, stored = await run_in_threadpool(
-                ingest.begin, settings.dsn, dataset, key, settings.pending_key_stale_s
+                idempotency.begin,
+                settings.dsn,
+                dataset,
+                key,
+                settings.pending_key_stale_s,
+                ingest.landing_name(dataset, key),
             )
-        except ingest.KeyInProgress:
+        except idempotency.KeyInProgress:
             raise ApiError(
                 409,
                 "request_in_progress",
@@ -448,7 +442,7 @@ async def _ingest(
         # The rejected lines' dead letters and the key's answer; if this fails after the
         # file landed, a retry (same key, same file name) lands it again and writes them.
         await run_in_threadpool(
-            ingest.finish,
+            idempotency.finish,
             settings.dsn,
             dataset,
             key,
@@ -462,7 +456,7 @@ async def _ingest(
             work.abort()  # removes the temp file; a committed file stays
         if key is not None:
             with contextlib.suppress(Exception):  # the datalake may be what failed
-                await run_in_threadpool(ingest.release, settings.dsn, dataset, key)
+                await run_in_threadpool(idempotency.release, settings.dsn, dataset, key)
         if isinstance(error, ingest.LimitExceeded):
             await _drain(body, 4 * settings.limits.max_body_bytes)
             raise ApiError(413, "payload_too_large", str(error)) from None
@@ -472,7 +466,9 @@ async def _ingest(
     return JSONResponse(answer, 202)
 
 
-async def _replay(settings: Settings, body, stored: ingest.Stored, gzipped: bool) -> JSONResponse:
+async def _replay(
+    settings: Settings, body, stored: idempotency.Stored, gzipped: bool
+) -> JSONResponse:
     """A retried request: same body, same answer; the body is only read to compare it."""
     reader = ingest.BodyReader(gzipped, settings.limits)
     try:

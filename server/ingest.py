@@ -15,12 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from psycopg.types.json import Jsonb
-
 from connectors.files import decode_line
 from connectors.landing import DATASETS, LandingFile, new_file_name
-from connectors.datalake import connect
-from connectors.sink import _sanitise_dead_letter
 from transforms.parse import decode, detect
 from transforms.records import DeadLetter
 
@@ -232,97 +228,6 @@ class NdjsonIngest:
 
     def dead_letters(self) -> list[DeadLetter]:
         return [
-            _sanitise_dead_letter(
-                DeadLetter(INGEST_PIPELINE, INGEST_STAGE, self.path, r.line, r.raw, r.reason)
-            )
+            DeadLetter(INGEST_PIPELINE, INGEST_STAGE, self.path, r.line, r.raw, r.reason)
             for r in self.rejections
         ]
-
-
-# --- idempotency keys and the dead letters of rejected lines -----------------------
-
-
-class KeyInProgress(Exception):
-    """Another request with this Idempotency-Key is being processed (409)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Stored:
-    """A finished request's answer, to give again to a retry."""
-
-    status: int
-    response: dict
-    body_sha256: str
-
-
-def begin(dsn: str, dataset: str, key: str, stale_s: float) -> tuple[str, Optional[Stored]]:
-    """Reserve ``key``: returns (landing file name, None), or (name, Stored) for a retry.
-
-    A reservation left pending longer than ``stale_s`` (a crashed request) is taken over,
-    with the same file name.
-    """
-    name = landing_name(dataset, key)
-    with connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            inserted = conn.execute(
-                "INSERT INTO ingest_requests (dataset, idempotency_key, state, file)"
-                " VALUES (%s, %s, 'pending', %s) ON CONFLICT DO NOTHING RETURNING file",
-                (dataset, key, name),
-            ).fetchone()
-            if inserted:
-                return name, None
-            state, file, status, response, sha, stale = conn.execute(
-                "SELECT state, file, status, response, body_sha256,"
-                " created_at < now() - %s * interval '1 second' FROM ingest_requests"
-                " WHERE dataset = %s AND idempotency_key = %s FOR UPDATE",
-                (stale_s, dataset, key),
-            ).fetchone()
-            if state == "done":
-                return file, Stored(status, response, sha)
-            if not stale:
-                raise KeyInProgress(key)
-            conn.execute(
-                "UPDATE ingest_requests SET created_at = now()"
-                " WHERE dataset = %s AND idempotency_key = %s",
-                (dataset, key),
-            )
-            return file, None
-
-
-def finish(
-    dsn: str,
-    dataset: str,
-    key: Optional[str],
-    body_sha256: str,
-    status: int,
-    response: dict,
-    dead_letters: list[DeadLetter],
-) -> None:
-    """In one transaction: the rejected lines' dead letters, and the key's answer."""
-    with connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            if dead_letters:
-                with conn.cursor() as cur:
-                    with cur.copy(
-                        "COPY dead_letters (pipeline, stage, source, line, raw, error)"
-                        " FROM STDIN"
-                    ) as copy:
-                        for letter in dead_letters:
-                            copy.write_row(letter)
-            if key is not None:
-                conn.execute(
-                    "UPDATE ingest_requests SET state = 'done', body_sha256 = %s, status = %s,"
-                    " response = %s, finished_at = now()"
-                    " WHERE dataset = %s AND idempotency_key = %s",
-                    (body_sha256, status, Jsonb(response), dataset, key),
-                )
-
-
-def release(dsn: str, dataset: str, key: str) -> None:
-    """Forget a reservation whose request failed, so that a retry can go ahead."""
-    with connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "DELETE FROM ingest_requests WHERE dataset = %s AND idempotency_key = %s"
-            " AND state = 'pending'",
-            (dataset, key),
-        )

@@ -9,6 +9,7 @@ SIGKILL to the job's process group.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import glob
@@ -25,7 +26,11 @@ from typing import Any, Optional, Sequence
 
 import psycopg
 
-from pipelines.cli import NEEDS_INPUT
+from connectors import datalake
+from pipelines import cli
+from pipelines import options as options_module
+from pipelines.options import UsageError
+from transforms.emotion_model import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: `python -m pipelines` runs here
 QUEUED, RUNNING, DONE, FAILED, CANCELLING, CANCELLED = (
@@ -37,29 +42,6 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLING, CANCELLED = (
     "CANCELLED",
 )
 FINAL = frozenset({DONE, FAILED, CANCELLED})
-_RUNNER = ("runner", "direct_num_workers", "direct_running_mode", "job_endpoint", "parallelism")
-_EMOTION = ("emotions", "model", "device", "dtype", "max_tokens", "torch_threads")
-# Options a job may set, per pipeline; anything else (and --dsn) is the service's call.
-ALLOWED_OPTIONS: dict[str, frozenset] = {
-    "reviews": frozenset(("batch_size", *_RUNNER, *_EMOTION)),
-    "products": frozenset(("batch_size", *_RUNNER)),
-    "emotions": frozenset(("batch_size", "limit", *_RUNNER, *_EMOTION)),
-    "stream": frozenset(
-        (
-            "batch_size",
-            "dataset",
-            "stop_after",
-            "stop_after_idle",
-            "rate",
-            "window",
-            "allowed_lateness",
-            "poll_interval",
-            *_RUNNER,
-            *_EMOTION,
-        )
-    ),
-}
-_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # After SIGINT (a stream drains, a batch run stops): SIGTERM at 30 s, SIGKILL at 40 s.
 _ESCALATION = ((30.0, signal.SIGTERM), (40.0, signal.SIGKILL))
 
@@ -143,29 +125,22 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def option_arguments(pipeline: str, options: dict[str, Any]) -> list[str]:
-    """``--name=value`` flags for the allowed options (bools as bare flags); else JobError."""
-    allowed = ALLOWED_OPTIONS[pipeline]
-    argv = []
-    for raw_name, value in options.items():
-        name = str(raw_name).replace("-", "_")
-        if not _OPTION_NAME.match(name) or name not in allowed:
-            raise JobError(
-                422,
-                "option_not_allowed",
-                f"option {raw_name!r} is not allowed for pipeline {pipeline!r};"
-                f" allowed: {', '.join(sorted(allowed))}",
-            )
-        values = value if isinstance(value, list) else [value]
-        for item in values:
-            if isinstance(item, bool):
-                if item:
-                    argv.append(f"--{name}")
-            elif isinstance(item, (int, float, str)) and "\x00" not in str(item):
-                argv.append(f"--{name}={item}")
-            else:
-                raise JobError(422, "bad_option", f"option {raw_name!r}: {item!r} is not a value")
-    return argv
+def allowed_options(pipeline: str) -> dict[str, argparse.Action]:
+    """What a job of ``pipeline`` may set over the API: the api-settable options of the
+    option classes the pipeline reads (``pipelines.options``), with their types and ranges."""
+    return options_module.api_options(cli.PIPELINES[pipeline]().OPTIONS)
+
+
+def option_arguments(
+    pipeline: str, options: dict[str, Any], models: Sequence[str] = (DEFAULT_MODEL,)
+) -> list[str]:
+    """``--name=value`` flags for options a caller sent; a name not allowed, or a value of
+    the wrong type or range, is a JobError (422). ``model`` must be one the service offers."""
+    try:
+        return options_module.api_argv(allowed_options(pipeline), options, {"model": models})
+    except UsageError as error:
+        code = "option_not_allowed" if "not allowed" in str(error) else "bad_option"
+        raise JobError(422, code, f"{error} (pipeline {pipeline!r})") from None
 
 
 class JobManager:
@@ -177,13 +152,19 @@ class JobManager:
         home: Path,
         input_roots: Sequence[Path],
         max_running: int = 2,
-        pipelines: Sequence[str] = tuple(ALLOWED_OPTIONS),
+        pipelines: Sequence[str] = tuple(cli.PIPELINES),
+        models: Sequence[str] = (DEFAULT_MODEL,),
+        job_args: Sequence[str] = (),
     ):
         self.dsn = dsn
         self.home = Path(home)
         self.input_roots = [Path(r) for r in input_roots]
         self.max_running = max_running
-        self.pipelines = [p for p in pipelines if p in ALLOWED_OPTIONS]
+        self.pipelines = [p for p in pipelines if p in cli.PIPELINES]
+        self.models = tuple(models)
+        # The service's own flags for every job (runner, job endpoint, environment):
+        # where and what code runs is never a caller's choice.
+        self.job_args = list(job_args)
         self.log_dir = self.home / "jobs"
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -205,13 +186,13 @@ class JobManager:
                 if len(files) != 1:
                     raise JobError(422, "bad_input", "a stream job replays at most one file")
                 argv.append(f"--replay={files[0]}")
-            elif pipeline in NEEDS_INPUT:
+            elif pipeline in cli.NEEDS_INPUT:
                 argv += [f"--input={f}" for f in files]
             else:
                 raise JobError(422, "bad_input", f"pipeline {pipeline!r} takes no input")
-        elif pipeline in NEEDS_INPUT:
+        elif pipeline in cli.NEEDS_INPUT:
             raise JobError(422, "no_input", f"pipeline {pipeline!r} needs input files")
-        argv += option_arguments(pipeline, options)
+        argv += option_arguments(pipeline, options, self.models) + self.job_args
         job_id = uuid.uuid4().hex[:16]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         job = Job(job_id, pipeline, files, dict(options), argv, self.log_dir / f"{job_id}.log")
@@ -291,14 +272,8 @@ class JobManager:
 
     def _record_cancelled(self, job: Job) -> None:
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                conn.execute(
-                    "UPDATE pipeline_runs SET state = 'CANCELLED',"
-                    " finished_at = coalesce(finished_at, now())"
-                    " WHERE options->>'job_name' = %s AND state IN ('RUNNING', 'FAILED')",
-                    (job.job_name,),
-                )
-        except psycopg.Error:
+            datalake.cancel_runs_of_job(self.dsn, job.job_name)
+        except (psycopg.Error, datalake.DatalakeUnavailable):
             pass  # the job's own record stands
 
     # -- cancelling and shutting down
@@ -366,26 +341,9 @@ class JobManager:
     def _run_of(self, job: Job) -> Optional[dict[str, Any]]:
         """The job's latest row in ``pipeline_runs`` (found by its ``--job_name``)."""
         try:
-            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
-                row = conn.execute(
-                    "SELECT run_id, state, runner, counters, started_at, finished_at"
-                    " FROM pipeline_runs WHERE options->>'job_name' = %s"
-                    " ORDER BY started_at DESC LIMIT 1",
-                    (job.job_name,),
-                ).fetchone()
-        except psycopg.Error as error:
-            return {"error": f"cannot read pipeline_runs: {str(error).strip()[:200]}"}
-        if row is None:
-            return None
-        run_id, state, runner, counters, started, finished = row
-        return {
-            "run_id": str(run_id),
-            "state": state,
-            "runner": runner,
-            "counters": counters,
-            "started_at": started.isoformat(),
-            "finished_at": finished and finished.isoformat(),
-        }
+            return datalake.run_of_job(self.dsn, job.job_name)
+        except (psycopg.Error, datalake.DatalakeUnavailable) as error:
+            return {"error": f"cannot read pipeline_runs: {datalake.first_line(error)[:200]}"}
 
 
 def tail(path: Path, lines: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Clean: one test per FORMATS.md quirk, then the CleanReviews/CleanProducts transforms."""
+"""Clean: one test per FORMATS.md quirk, then the CleanRecords transform."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from apache_beam.utils.timestamp import Timestamp
 from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
 from transforms.clean import (
     CleanError,
-    CleanProducts,
-    CleanReviews,
+    CleanRecords,
     clean_label,
     clean_product,
     clean_review,
@@ -26,7 +25,7 @@ from transforms.clean import (
     parse_sales_rank,
 )
 from transforms.parse import decode, detect
-from transforms.records import ParsedRecord
+from transforms.records import PRODUCT, REVIEW, ParsedRecord
 
 
 def parsed(line: str, fields: dict | None = None, line_no: int = 1) -> ParsedRecord:
@@ -310,7 +309,7 @@ def test_very_long_values_survive():
 def test_clean_reviews_transform_routes_bad_records_to_dead_letters():
     records = [parsed(REVIEW_2014, line_no=1), parsed(REVIEW_2014, {"overall": None}, line_no=2)]
     with TestPipeline() as p:
-        result = p | beam.Create(records) | CleanReviews("reviews")
+        result = p | beam.Create(records) | CleanRecords(REVIEW, "reviews")
         assert_that(
             result.records | "Ids" >> beam.Map(lambda r: (r.line, r.reviewer_id)),
             equal_to([(1, "A2SUAM1J3GNN3B")]),
@@ -326,7 +325,7 @@ def test_clean_reviews_transform_routes_bad_records_to_dead_letters():
 def test_clean_products_transform():
     records = [parsed(META_2014), parsed(META_2018), parsed(META_2023)]
     with TestPipeline() as p:
-        result = p | beam.Create(records) | CleanProducts("products")
+        result = p | beam.Create(records) | CleanRecords(PRODUCT, "products")
         assert_that(
             result.records | beam.Map(lambda r: (r.asin, r.source_format)),
             equal_to([("0000031852", 2014), ("B001GXRQW0", 2018), ("B01CUPMQZE", 2023)]),
@@ -372,7 +371,7 @@ def test_fast_path_matches_full_cleaning_on_every_bundled_sample():
 
     from connectors.files import iter_lines
     from transforms.parse import ParseError, parse_record
-    from transforms.records import REVIEW, RawRecord
+    from transforms.records import RawRecord
 
     samples = Path(__file__).resolve().parent.parent / "samples"
     fast = 0

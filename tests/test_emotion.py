@@ -105,7 +105,8 @@ def tiny_short(tmp_path_factory) -> str:
 
 
 def counter(result, name: str) -> int:
-    found = result.metrics().query(MetricsFilter().with_name(name))["counters"]
+    """An emotion counter (``emotion_<name>`` in the project's metrics namespace)."""
+    found = result.metrics().query(MetricsFilter().with_name(f"emotion_{name}"))["counters"]
     return sum(c.committed for c in found)
 
 
@@ -341,7 +342,7 @@ def test_model_text_and_handler_settings():
 
 def test_emotions_summary_accounts_for_reviews_without_text():
     """read = upserted + dead letters + skipped: the summary says where every review went."""
-    from pipelines.common import RunSummary
+    from pipelines.lifecycle import RunResult
 
     counters = {
         "records_read": 161,
@@ -349,7 +350,7 @@ def test_emotions_summary_accounts_for_reviews_without_text():
         "review_emotions_upserted": 158,
         "emotion_skipped_no_text": 3,
     }
-    text = RunSummary("emotions", "id", "FnApiRunner", "DONE", counters, 1.0, "review_emotions")
+    text = RunResult("emotions", "id", "FnApiRunner", "DONE", counters, 1.0, "review_emotions")
     lines = text.format().splitlines()
     assert any(line.split()[:2] == ["skipped", "3"] for line in lines), lines
 

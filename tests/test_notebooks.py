@@ -138,7 +138,7 @@ def test_notebooks_are_stored_clean_and_use_the_project_code():
         assert "from analysis import frames, plots" in code[0].source
     first = nbformat.read(NOTEBOOK_DIR / "01_interactive_pipeline.ipynb", as_version=4)
     interactive = "\n".join(cell.source for cell in first.cells)
-    for name in ("InteractiveRunner", "ReadDataset", "ParseRecords", "CleanReviews"):
+    for name in ("InteractiveRunner", "ReadDataset", "ReadParseClean"):
         assert name in interactive
     assert "ib.show(" in interactive and "ib.collect(" in interactive
 

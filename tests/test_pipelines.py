@@ -16,7 +16,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import query
-from connectors.sink import REVIEWS, UpsertToPostgres, WriteDeadLetters
+from connectors.sink import REVIEWS, Target, WriteDeadLetters, WriteRows
 from pipelines import emotions, products, reviews
 from samples import generate
 from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
@@ -196,7 +196,7 @@ def test_rows_the_database_rejects_become_dead_letters_and_the_rest_land(datalak
         rejected = (
             p
             | beam.Create(good + [bad])
-            | UpsertToPostgres(datalake, REVIEWS, "reviews", batch_size=100)
+            | WriteRows(REVIEWS, Target(datalake, pipeline="reviews", batch_size=100))
         )
         assert_that(
             rejected
@@ -218,7 +218,9 @@ def test_concurrent_write_lanes_keep_the_latest_record_of_every_key(datalake):
     random.Random(3).shuffle(records)
     with TestPipeline() as p:
         rejected = (
-            p | beam.Create(records) | UpsertToPostgres(datalake, REVIEWS, "reviews", batch_size=7)
+            p
+            | beam.Create(records)
+            | WriteRows(REVIEWS, Target(datalake, pipeline="reviews", batch_size=7))
         )
         assert_that(rejected, equal_to([]))
     latest = {f"k{key:02d}": max(l for l in range(1, 201) if l % 40 == key) for key in range(40)}
@@ -382,7 +384,7 @@ def test_a_value_that_cannot_even_be_encoded_is_a_dead_letter_not_a_crash(datala
             | beam.Create([good])
             # Made inside the fused stage: Beam's coders cannot carry it between stages.
             | beam.FlatMap(lambda r: [r, r._replace(review_id="bad", text="x \ud800", line=2)])
-            | UpsertToPostgres(datalake, REVIEWS, "reviews")
+            | WriteRows(REVIEWS, Target(datalake, pipeline="reviews"))
         )
         assert_that(
             rejected | beam.Map(lambda d: (d.stage, d.line, "reviews rejected the row" in d.error)),
@@ -400,7 +402,7 @@ def test_dead_letters_postgres_cannot_hold_are_escaped_not_lost(datalake):
             | beam.Create([letter])
             # Made inside the fused stage: Beam's coders cannot carry a lone surrogate.
             | beam.Map(lambda d: d._replace(raw="a\x00b \ud800 é", error="bad \ud800"))
-            | WriteDeadLetters(datalake, None)
+            | WriteDeadLetters(Target(datalake))
         )
     assert query(datalake, "SELECT raw, error FROM dead_letters") == [
         ("a\\u0000b \\ud800 é", "bad \\ud800")

@@ -12,16 +12,14 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRestrictionTracker
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing import test_stream
-from apache_beam.testing.util import assert_that, equal_to, equal_to_per_window
-from apache_beam.transforms.window import IntervalWindow, TimestampedValue
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 
 from conftest import query
-from connectors import landing, landing_source
+from connectors import landing, landing_source, stats
+from connectors.sink import REVIEW_EMOTIONS, REVIEWS, Target, WriteRows
 from connectors.datalake import connect, finish_run, start_run
 from connectors.landing import LandingFile
 from connectors.landing_source import (
@@ -32,8 +30,7 @@ from connectors.landing_source import (
     LandingWatch,
 )
 from pipelines import cli
-from pipelines import stream
-from pipelines.stream import ReviewStats, StatInput, WindowedReviewStats
+from pipelines import lifecycle, stream
 from test_parse import META_2018, REVIEW_2018
 from test_portable import job_endpoint  # noqa: F401 - Beam's local job service, per module
 from transforms.clean import clean_review
@@ -305,7 +302,9 @@ def test_the_stream_runs_on_the_portable_runner(datalake, tmp_path, job_endpoint
     """The Fn API path Flink and Prism take: Beam's job service, LOOPBACK workers."""
     root = tmp_path / "landing"
     first = landing.land_lines("reviews", [review("A", "P1"), "junk"], "1.jsonl", root)
-    producer = land_after_claims(datalake, root, [(first, ("2.jsonl", [review("B", "P1", 7)]))])
+    producer = land_after_claims(
+        datalake, root, [(first, ("2.jsonl", [review("B", "P1", 1_300_000_007)]))]
+    )
     portable = ["--runner", "PortableRunner", "--job_endpoint", job_endpoint]
     summary = stream.run(
         [
@@ -344,20 +343,20 @@ def test_replay_streams_a_file_at_the_rate_with_its_own_lineage(datalake, tmp_pa
 
 
 def test_long_streams_survive_the_fnapi_runners_metric_merging():
-    """One merge per bundle: thousands of bundles must not nest thousands deep."""
+    """Beam 2.77's FnApiRunner nests its metrics one generator deeper per bundle: after
+    thousands of bundles (a stream polling for an hour) reading them raises RecursionError.
+    The summary then takes its counters from the datalake instead of failing the run."""
     from apache_beam.metrics.monitoring_infos import consolidate
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.fn_api_runner.fn_runner import RunnerResult
+    from apache_beam.runners.runner import PipelineState
 
-    def merged_per_bundle(merge, bundles: int = 3000) -> list:
-        infos: object = []
-        for _ in range(bundles):
-            infos = merge(itertools.chain([], infos))
-        return list(infos)
-
+    infos: object = []
+    for _ in range(3000):
+        infos = consolidate(itertools.chain([], infos))
+    result = RunnerResult(PipelineState.DONE, {"stage": infos})
     with pytest.raises(RecursionError):  # what Beam 2.77 does on its own
-        merged_per_bundle(consolidate)
-    stream.merge_fnapi_metrics_eagerly()
-    assert merged_per_bundle(fn_runner.consolidate_monitoring_infos) == []
+        result.metrics().query()
+    assert lifecycle.beam_counters(RunnerResult(PipelineState.DONE, {"stage": infos})) == {}
 
 
 @pytest.mark.parametrize(
@@ -378,74 +377,77 @@ def test_bad_stream_options_are_one_line_errors(datalake, capsys, args, message)
 # --- windowed review stats on TestStream --------------------------------------------
 
 
-def streaming_pipeline() -> TestPipeline:
-    options = PipelineOptions()
-    options.view_as(StandardOptions).streaming = True
-    return TestPipeline(options=options)
+T0 = 1_300_000_020  # a multiple of 60: the windows below start at T0, T0 + 60, ...
 
 
-def test_stats_fire_when_the_watermark_passes_and_late_data_updates_the_window():
-    window = IntervalWindow(0, 60)
-    events = (
-        test_stream.TestStream()
-        .advance_watermark_to(0)
-        .add_elements(
-            [
-                TimestampedValue(StatInput("A", "r1", 5.0, None), 10),
-                TimestampedValue(StatInput("A", "r2", 3.0, None), 20),
-                TimestampedValue(StatInput("A", "r1", 5.0, None), 15),  # sent twice: once
-                TimestampedValue(StatInput("B", "r3", 4.0, None), 30),
-                TimestampedValue(StatInput("A", "r4", 2.0, None), 70),  # the next window
-            ]
-        )
-        .advance_watermark_to(100)  # [0, 60) is complete: its on-time panes fire
-        .add_elements([TimestampedValue(StatInput("A", "r5", 1.0, None), 50)])  # late, in lateness
-        .advance_watermark_to(300)  # [0, 60) is past its lateness (60 + 120 s)
-        .add_elements([TimestampedValue(StatInput("A", "r6", 5.0, None), 40)])  # dropped
-        .advance_watermark_to_infinity()
-    )
-    with streaming_pipeline() as p:
-        rows = p | events | WindowedReviewStats(60, 120)
-        assert_that(
-            rows | beam.Map(lambda r: (r.asin, r.reviews, r.mean_rating, r.window_start.micros)),
-            equal_to_per_window(
-                {
-                    window: [("A", 2, 4.0, 0), ("B", 1, 4.0, 0), ("A", 3, 3.0, 0)],
-                    IntervalWindow(60, 120): [("A", 1, 2.0, 60 * 10**6)],
-                }
-            ),
-            reify_windows=True,
-        )
-
-
-def _review(reviewer: str, asin: str, when: int, text: str = "fine"):
-    line = json.loads(review(reviewer, asin, when))
+def _review(reviewer: str, asin: str, when: int, text: str = "fine", rating: float = 5.0):
+    """A cleaned review ``when`` seconds after T0."""
+    line = json.loads(review(reviewer, asin, T0 + when, rating))
     line["reviewText"] = text
     fields = decode(json.dumps(line))
     return clean_review(ParsedRecord("f", 1, *detect(fields), fields, ""))
 
 
-def test_emotions_count_in_their_reviews_window_whatever_arrives_first():
-    first, second, third = _review("A", "P1", 10), _review("B", "P1", 20), _review("C", "P2", 30)
-    result = lambda r, label: EmotionResult(
-        r.review_id, "m", label, 0.9, {label: 0.9}
-    )  # noqa: E731
-    events = (
-        test_stream.TestStream(output_tags={"reviews", "emotions"})
-        .advance_watermark_to(0, tag="reviews")
-        .advance_watermark_to(0, tag="emotions")
-        .add_elements([result(second, "anger")], tag="emotions")  # before its review
-        .add_elements(
-            [TimestampedValue(r, r.reviewed_at) for r in (first, second, third)], tag="reviews"
-        )
-        .add_elements([result(first, "joy"), result(third, "joy")], tag="emotions")
-        .advance_watermark_to_infinity(tag="reviews")
-        .advance_watermark_to_infinity(tag="emotions")
+def write_with_stats(dsn: str, run_id: str, spec, records, window: float, lateness: float):
+    """Records through the real sink with the live stats hook (refreshing at every bundle)."""
+    hook = stats.LiveReviewStats(run_id, "m", window, lateness, every_s=0)
+    with TestPipeline() as p:
+        _ = p | beam.Create(records) | WriteRows(spec, Target(dsn, run_id, "stream"), [hook])
+
+
+def window_rows(dsn: str) -> list[tuple]:
+    return query(
+        dsn,
+        "SELECT asin, extract(epoch FROM window_start)::int - %s, reviews, mean_rating, emotions,"
+        " final FROM review_stats ORDER BY 1, 2",
+        (T0,),
     )
-    with streaming_pipeline() as p:
-        streams = p | events
-        rows = {"reviews": streams["reviews"], "emotions": streams["emotions"]} | ReviewStats(60, 0)
-        assert_that(
-            rows | beam.Map(lambda r: (r.asin, r.reviews, r.mean_rating, r.emotions)),
-            equal_to([("P1", 2, 4.0, {"anger": 1, "joy": 1}), ("P2", 1, 4.0, {"joy": 1})]),
+
+
+def test_stats_refresh_from_the_datalake_and_late_data_updates_the_window(datalake):
+    run_id = start_run(datalake, "stream", {})
+    first = [_review("1", "A", 10, rating=5.0), _review("2", "A", 20, rating=3.0)]
+    write_with_stats(datalake, run_id, REVIEWS, first + [_review("3", "B", 70)], 60, 120)
+    # The watermark has not passed the windows' ends: partial rows.
+    assert window_rows(datalake) == [
+        ("A", 0, 2, 4.0, None, False),
+        ("B", 60, 1, 5.0, None, False),
+    ]
+    # The same reviews again (a replayed file, a restart): nothing counts twice.
+    write_with_stats(datalake, run_id, REVIEWS, first, 60, 120)
+    assert window_rows(datalake)[0] == ("A", 0, 2, 4.0, None, False)
+    with connect(datalake) as conn:  # the source's watermark passes [0, 60)
+        conn.execute(
+            "UPDATE pipeline_runs SET watermark = to_timestamp(%s) WHERE run_id = %s",
+            (T0 + 100, run_id),
         )
+    late = _review("4", "A", 50, rating=1.0)  # within the lateness: the row is updated
+    write_with_stats(datalake, run_id, REVIEWS, [late], 60, 120)
+    assert window_rows(datalake)[0] == ("A", 0, 3, 3.0, None, True)
+    with connect(datalake) as conn:  # now past [0, 60)'s end + lateness (60 + 120 s)
+        conn.execute(
+            "UPDATE pipeline_runs SET watermark = to_timestamp(%s) WHERE run_id = %s",
+            (T0 + 300, run_id),
+        )
+    write_with_stats(datalake, run_id, REVIEWS, [_review("5", "A", 40, rating=5.0)], 60, 120)
+    assert window_rows(datalake)[0] == ("A", 0, 3, 3.0, None, True)  # too late: kept out
+    assert query(datalake, "SELECT count(*) FROM reviews WHERE asin = 'A'") == [(4,)]
+
+
+def test_emotions_count_in_their_reviews_window_whatever_arrives_first(datalake):
+    run_id = start_run(datalake, "stream", {})
+    first, second, third = _review("A", "P1", 10), _review("B", "P1", 20), _review("C", "P2", 30)
+
+    def result(r, label):
+        return EmotionResult(r.review_id, "m", label, 0.9, {label: 0.9})
+
+    # An emotion committed before its review counts once the review is there.
+    write_with_stats(datalake, run_id, REVIEW_EMOTIONS, [result(second, "anger")], 60, 0)
+    write_with_stats(datalake, run_id, REVIEWS, [first, second, third], 60, 0)
+    write_with_stats(
+        datalake, run_id, REVIEW_EMOTIONS, [result(first, "joy"), result(third, "joy")], 60, 0
+    )
+    assert [row[:5] for row in window_rows(datalake)] == [
+        ("P1", 0, 2, 5.0, {"anger": 1, "joy": 1}),
+        ("P2", 0, 1, 5.0, {"joy": 1}),
+    ]

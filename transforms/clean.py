@@ -20,7 +20,7 @@ from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 from apache_beam.utils.timestamp import Timestamp
 
-from transforms.parse import DEAD_LETTERS, METRICS_NAMESPACE
+from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE
 from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, Product, Review
 
 CLEAN_STAGE = "clean"
@@ -556,28 +556,16 @@ class CleanRecordFn(beam.DoFn):
         yield cleaned
 
 
-class _CleanRecords(beam.PTransform):
-    """Shared expand for CleanReviews and CleanProducts: ``.records``, ``.dead_letters``."""
+class CleanRecords(beam.PTransform):
+    """ParsedRecord -> canonical ``Review`` or ``Product`` (by ``kind``): ``.records``, and
+    records that cannot be cleaned as ``.dead_letters``."""
 
-    kind = ""
-
-    def __init__(self, pipeline_name: str = ""):
+    def __init__(self, kind: str, pipeline_name: str = ""):
         super().__init__()
-        self._pipeline_name = pipeline_name or f"{self.kind}s"
+        self._kind = kind
+        self._pipeline_name = pipeline_name or f"{kind}s"
 
     def expand(self, parsed):
         return parsed | "Canonicalise" >> beam.ParDo(
-            CleanRecordFn(self.kind, self._pipeline_name)
+            CleanRecordFn(self._kind, self._pipeline_name)
         ).with_outputs(DEAD_LETTERS, main="records")
-
-
-class CleanReviews(_CleanRecords):
-    """ParsedRecord -> Review (``.records``) and dead letters (``.dead_letters``)."""
-
-    kind = REVIEW
-
-
-class CleanProducts(_CleanRecords):
-    """ParsedRecord -> Product (``.records``) and dead letters (``.dead_letters``)."""
-
-    kind = PRODUCT

@@ -12,27 +12,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from transforms.records import DeadLetter, EmotionResult
+from transforms.emotion_model import DEFAULT_MODEL, DTYPES, LABELS
+from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE, DeadLetter, EmotionResult
 
 _LOG = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "minilm-goemotions-ekman"
-DTYPES = ("auto", "float32", "bfloat16")
-LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 HEAD_DIR = Path(__file__).resolve().parent / "emotion_head"
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "config.json"
 STAGE = "emotion"
-METRICS_NAMESPACE = "emotion"
 EMOTIONS = "emotions"
-DEAD_LETTERS = "dead_letters"
 
 # Characters kept per token of budget before tokenising: English averages ~4-5
 # characters per WordPiece token, so this never binds on real text but bounds the
@@ -131,34 +126,13 @@ def _hub_cached(model: str) -> bool:
     return isinstance(found, str)
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(v.strip().lower() in ("1", "true", "yes", "on") for v in flags)
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe of the hub, so an offline machine fails in seconds, not after
-    huggingface_hub's ~30 s of retries (skipped behind a proxy, which a probe can't see)."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def check_model(model: str) -> None:
-    """Cheap construction-time check that ``model`` can be loaded; raises EmotionModelError.
+    """Cheap construction-time check that ``model`` can be loaded here, offline; raises
+    EmotionModelError.
 
     Runs on the launcher so a bad ``--model`` is a one-line error (exit 2), not a worker
-    traceback. Hub ids must be in the local cache when offline; online they are
-    resolved by fetching only their small ``config.json``.
+    traceback. A hub id must be in the local Hugging Face cache (``connectors.models``
+    fetches it there first when the hub is reachable): inference never goes online.
     """
     if not isinstance(model, str) or not model.strip():
         raise EmotionModelError(f"no emotion model given; {_OFFLINE_FIX}")
@@ -190,20 +164,11 @@ def check_model(model: str) -> None:
         )
     if _hub_cached(model):
         return
-    if _offline() or not _hub_reachable():
-        raise EmotionModelError(
-            f"cannot load emotion model {model!r}: not in the Hugging Face cache and the "
-            f"hub is offline or unreachable; {_OFFLINE_FIX}"
-        )
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(model)
-    except Exception as exc:  # network, auth, unknown repo: all mean "cannot load"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EmotionModelError(
-            f"cannot load emotion model {model!r} ({reason[:200]}); {_OFFLINE_FIX}"
-        ) from None
+    raise EmotionModelError(
+        f"cannot load emotion model {model!r}: not in the local Hugging Face cache (fetch it"
+        f" first while online: python -m pipelines run emotions --model {model} fetches it);"
+        f" {_OFFLINE_FIX}"
+    )
 
 
 def _resolve(model: str) -> str:
@@ -500,8 +465,8 @@ class _PrepareReviews(beam.DoFn):
     """Review -> EmotionInput; reviews without text are counted and skipped."""
 
     def __init__(self):
-        self.seen = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "reviews")
-        self.no_text = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "skipped_no_text")
+        self.seen = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "emotion_reviews")
+        self.no_text = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "emotion_skipped_no_text")
 
     def process(self, review: Any) -> Iterator[EmotionInput]:
         self.seen.inc()
@@ -522,8 +487,8 @@ class _RouteResults(beam.DoFn):
 
     def __init__(self, pipeline_name: str):
         self.pipeline_name = pipeline_name
-        self.classified = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "classified")
-        self.failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "dead_letters")
+        self.classified = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "emotion_classified")
+        self.failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "emotion_dead_letters")
         self.by_label: dict[str, Any] = {}
 
     def process(self, element: Union[EmotionResult, InferenceFailure]) -> Iterator[Any]:
@@ -536,7 +501,9 @@ class _RouteResults(beam.DoFn):
         self.classified.inc()
         counter = self.by_label.get(element.label)
         if counter is None:
-            counter = beam.metrics.Metrics.counter(METRICS_NAMESPACE, f"label_{element.label}")
+            counter = beam.metrics.Metrics.counter(
+                METRICS_NAMESPACE, f"emotion_label_{element.label}"
+            )
             self.by_label[element.label] = counter
         counter.inc()
         yield element

@@ -16,11 +16,17 @@ import orjson
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from transforms.records import PRODUCT, REVIEW, DeadLetter, ParsedRecord, RawRecord
+from transforms.records import (
+    DEAD_LETTERS,
+    METRICS_NAMESPACE,
+    PRODUCT,
+    REVIEW,
+    DeadLetter,
+    ParsedRecord,
+    RawRecord,
+)
 
-DEAD_LETTERS = "dead_letters"
 PARSE_STAGE = "parse"
-METRICS_NAMESPACE = "termidator"
 
 
 class ParseError(ValueError):

@@ -16,6 +16,10 @@ from apache_beam.utils.timestamp import Timestamp
 REVIEW = "review"
 PRODUCT = "product"
 FORMATS = (2014, 2018, 2023)
+# Every stage's counters are Beam metrics in this namespace.
+METRICS_NAMESPACE = "termidator"
+# The tag of every stage's dead-letter output.
+DEAD_LETTERS = "dead_letters"
 
 
 class RawRecord(NamedTuple):

@@ -1,0 +1,110 @@
+"""The graph every pipeline shares: ``source | ReadParseClean | WriteDatalake``.
+
+``ReadParseClean`` turns any source of raw lines (dataset files, the landing zone, a
+replayed file, a notebook's sample) into clean canonical records plus each stage's dead
+letters; ``WriteDatalake`` upserts the records into their table and appends every dead
+letter, each stage through its own small sink so that it commits as it goes, in batch
+and in streaming alike.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence, Union
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from connectors import models
+from connectors.sink import (
+    REVIEW_EMOTIONS,
+    CommitHook,
+    TableSpec,
+    Target,
+    WriteDeadLetters,
+    WriteRows,
+)
+from pipelines.options import EmotionOptions
+from transforms.clean import CleanRecords
+from transforms.parse import ParseRecords
+
+RECORDS = "records"
+
+
+class ReadParseClean(beam.PTransform):
+    """A source of raw lines -> ``{"records": clean records, "<stage>": dead letters}``.
+
+    ``source`` is any transform whose result has ``.records`` (RawRecord) and
+    ``.dead_letters``: ``ReadDataset``, ``FollowLanding``, ``ReplayFile``.
+    """
+
+    def __init__(self, source: beam.PTransform, kind: str, pipeline_name: str):
+        super().__init__()
+        self._source = source
+        self._kind = kind
+        self._pipeline_name = pipeline_name
+
+    def expand(self, pbegin):
+        read = pbegin | "Read" >> self._source
+        parsed = read.records | "Parse" >> ParseRecords(self._kind, self._pipeline_name)
+        cleaned = parsed.records | "Clean" >> CleanRecords(self._kind, self._pipeline_name)
+        return {
+            RECORDS: cleaned.records,
+            "read": read.dead_letters,
+            "parse": parsed.dead_letters,
+            "clean": cleaned.dead_letters,
+        }
+
+
+class WriteDatalake(beam.PTransform):
+    """``{"records": records, "<stage>": dead letters, ...}`` (or records alone) -> the
+    table and ``dead_letters``; rows the database refuses become dead letters too."""
+
+    def __init__(self, spec: TableSpec, target: Target, hooks: Sequence[CommitHook] = ()):
+        super().__init__()
+        self._spec = spec
+        self._target = target
+        self._hooks = tuple(hooks)
+
+    def expand(self, inputs: Union[beam.PCollection, Mapping[str, beam.PCollection]]):
+        if isinstance(inputs, beam.PCollection):
+            inputs = {RECORDS: inputs}
+        refused = inputs[RECORDS] | "Upsert" >> WriteRows(self._spec, self._target, self._hooks)
+        letters = {**{k: v for k, v in inputs.items() if k != RECORDS}, "sink": refused}
+        for stage, dead in letters.items():
+            # One small sink per stage, not one behind a Flatten: local runners run what
+            # follows a Flatten of a running stream's outputs only once the stream ends.
+            _ = dead | f"DeadLetters{stage.capitalize()}" >> WriteDeadLetters(
+                self._target, self._hooks
+            )
+
+
+def classify_emotions(
+    reviews: beam.PCollection, options: PipelineOptions, pipeline_name: str
+) -> dict[str, beam.PCollection]:
+    """Reviews -> ``{"records": EmotionResult, "emotion": dead letters}`` for
+    ``WriteDatalake(REVIEW_EMOTIONS, ...)`` (torch loads only when emotions run)."""
+    from transforms.emotion import ClassifyEmotions
+
+    emotion = options.view_as(EmotionOptions)
+    models.fetch(emotion.model)
+    result = reviews | "ClassifyEmotions" >> ClassifyEmotions(
+        model=emotion.model,
+        device=emotion.device,
+        max_tokens=emotion.max_tokens,
+        torch_threads=emotion.torch_threads,
+        dtype=emotion.dtype,
+        pipeline_name=pipeline_name,
+    )
+    return {RECORDS: result.emotions, "emotion": result.dead_letters}
+
+
+def write_emotions(
+    reviews: beam.PCollection,
+    options: PipelineOptions,
+    target: Target,
+    hooks: Sequence[CommitHook] = (),
+    label: Optional[str] = None,
+) -> None:
+    """Reviews -> their emotions classified and written to ``review_emotions``."""
+    emotions = classify_emotions(reviews, options, target.pipeline)
+    _ = emotions | (label or "WriteEmotions") >> WriteDatalake(REVIEW_EMOTIONS, target, hooks)
