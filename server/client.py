@@ -112,12 +112,9 @@ class _Progress:
         self._count = 0
         self._started = time.monotonic()
         if enabled:
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self._bar = tqdm(desc=label, unit=" rec", unit_scale=True, file=sys.stderr)
-            except ImportError:
-                pass
+            self._bar = tqdm(desc=label, unit=" rec", unit_scale=True, file=sys.stderr)
 
     def update(self, n: int) -> None:
         self._count += n

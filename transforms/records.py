@@ -7,7 +7,6 @@ SQL parameters in column order.
 
 from __future__ import annotations
 
-import typing
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
@@ -113,10 +112,3 @@ class EmotionResult(NamedTuple):
 
 for _record_type in (RawRecord, Review, Product, DeadLetter, EmotionResult):
     beam.coders.registry.register_coder(_record_type, beam.coders.RowCoder)
-
-RECORD_TYPES: Mapping[str, type] = {REVIEW: Review, PRODUCT: Product}
-
-
-def columns(record_type: type) -> Sequence[str]:
-    """Column names of a record type, in the order they bind to SQL."""
-    return typing.cast(Sequence[str], record_type._fields)
