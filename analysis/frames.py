@@ -73,7 +73,10 @@ class Datalake:
         return table.reindex(columns=["reviews", "products"], fill_value=0)
 
     def pipeline_runs(self, limit: int = 20) -> pd.DataFrame:
-        """The latest runs: pipeline, runner, state, duration and the main counters."""
+        """The latest runs: pipeline, runner, state, duration and the main counters (a run
+        whose process died is marked ABANDONED first)."""
+        with datalake.connect(self.dsn, autocommit=True) as conn:
+            datalake.mark_abandoned(conn)
         return self.query(
             "SELECT pipeline, runner, state, started_at,"
             " extract(epoch FROM finished_at - started_at) AS seconds,"

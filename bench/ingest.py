@@ -179,7 +179,7 @@ def step_unnest(dsn: str, path: str, kind: str) -> dict:
         """The COPY sink's own rows (converted, one per key), as one array per column."""
         columns = [list(column) for column in zip(*spec.copy_rows(batch))]
         for i in lists:
-            columns[i] = [orjson.dumps(list(v)).decode() for v in columns[i]]
+            columns[i] = [None if v is None else orjson.dumps(list(v)).decode() for v in columns[i]]
         return tuple(columns)
 
     _ = (

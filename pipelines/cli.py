@@ -8,6 +8,7 @@ pipelines live in their own packages and load only when used (``module:function`
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import logging
 import sys
@@ -163,6 +164,29 @@ def db_command(action: str, dsn: Optional[str]) -> int:
     return 0
 
 
+def runs_command(limit: int, pipeline: Optional[str], dsn: Optional[str]) -> int:
+    """``runs``: the latest runs, newest first; a run whose process died shows ABANDONED."""
+    found = datalake.recent_runs(datalake.resolve_dsn(dsn), limit, pipeline)
+    print(
+        f"{'started (UTC)':<19}  {'pipeline':<9} {'state':<9} {'records':>10} {'rows':>10}"
+        f" {'dead':>7} {'seconds':>8}  runner / run id"
+    )
+    for run in found:
+        counters = run["counters"] or {}
+        ended = run["finished_at"] or run["heartbeat_at"] or run["started_at"]
+        seconds = (ended - run["started_at"]).total_seconds()
+        rows = sum(v for k, v in counters.items() if k.endswith("_upserted") and "dead" not in k)
+        records = counters.get("records_read", rows + counters.get("dead_letters_upserted", 0))
+        print(
+            f"{run['started_at'].astimezone(datetime.timezone.utc):%Y-%m-%d %H:%M:%S}  {run['pipeline']:<9} {run['state']:<9}"
+            f" {records:>10,} {rows:>10,} {counters.get('dead_letters_upserted', 0):>7,}"
+            f" {seconds:>8,.1f}  {run['runner'] or '-'} / {run['run_id']}"
+        )
+    if not found:
+        print("no runs yet: python -m pipelines run")
+    return 0
+
+
 def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
@@ -183,6 +207,11 @@ def _parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     )
 
     commands.add_parser("list", help="list the pipelines")
+
+    runs = commands.add_parser("runs", help="recent runs: state, runner, counts, speed")
+    runs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    runs.add_argument("--pipeline", default=None, help="only runs of this pipeline")
+    runs.add_argument("--dsn", default=None, help="default $TERMIDATOR_DSN, else embedded")
 
     db = commands.add_parser("db", help="the datalake: url, status, stop")
     db.add_argument("action", choices=["url", "status", "stop"])
@@ -259,6 +288,8 @@ def _dispatch(args: argparse.Namespace, extra: list[str], run_args: list[str]) -
         return 0
     if args.command == "db":
         return db_command(args.action, args.dsn)
+    if args.command == "runs":
+        return runs_command(args.limit, args.pipeline, args.dsn)
     return tool(args.command).main(args)
 
 

@@ -53,6 +53,7 @@ class RunResult:
     counters: Mapping[str, int]
     elapsed_s: float
     table: Optional[str] = None
+    notes: list[str] = dataclasses.field(default_factory=list)  # more lines for the summary
 
     @property
     def upserted(self) -> int:
@@ -98,6 +99,7 @@ class RunResult:
             )
         if self.dead_letters:
             lines.append(f"  see: SELECT * FROM dead_letters WHERE run_id = '{self.run_id}'")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 

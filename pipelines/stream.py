@@ -26,7 +26,7 @@ from connectors.replay import ReplayFile
 from connectors.sink import PRODUCTS, REVIEWS, CommitHook, Target
 from pipelines import interrupts
 from pipelines.composites import RECORDS, ReadParseClean, WriteDatalake, write_emotions
-from pipelines.lifecycle import RunResult, execute
+from pipelines.lifecycle import RunFailed, RunInterrupted, RunResult, execute
 from pipelines.options import (
     DatalakeOptions,
     EmotionOptions,
@@ -137,12 +137,35 @@ def run(
 
     try:
         with interrupts.on_interrupt(stop):
-            return execute(NAME, built, argv, test_pipeline, table=_table(argv))
+            result = execute(NAME, built, argv, test_pipeline, table=_table(argv))
+    except (RunFailed, RunInterrupted) as ended:
+        _note_waiting(ended.result, started)
+        raise
+    else:
+        _note_waiting(result, started)
+        return result
     finally:
         for options, target in started:
             with contextlib.suppress(OSError):
                 os.unlink(drain_file(options.view_as(StreamOptions), target.run_id))
             _last_refresh(options, target)
+
+
+def _note_waiting(result: RunResult, started: list[tuple[PipelineOptions, Target]]) -> None:
+    """Say which landed files wait on another live run's claim, and until when."""
+    for options, target in started:
+        stream = options.view_as(StreamOptions)
+        if stream.replay:
+            continue
+        with contextlib.suppress(Exception):
+            waiting = landing.waiting_files(target.dsn, stream.dataset, target.run_id)
+            for owner in sorted({w.run_id for w in waiting}):
+                files = [w for w in waiting if w.run_id == owner]
+                until = max(w.stale_at for w in files).isoformat(timespec="seconds")
+                result.notes.append(
+                    f"{len(files)} landed file(s) wait on the claim of live run {owner}"
+                    f" (taken over if it stops beating, by {until}): {files[0].name}, ..."
+                )
 
 
 def _table(argv: Optional[Sequence[str]]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 import json
 
 import apache_beam as beam
@@ -390,3 +391,86 @@ def test_fast_path_matches_full_cleaning_on_every_bundled_sample():
                 continue
             assert clean_review(record) == expected, f"{path.name}:{number}"
     assert fast > 50  # the fast path really ran
+
+
+# --- bounds: a single value never stops a run, never lands as garbage ---------------------
+
+
+@pytest.mark.parametrize(
+    "line, edit, field",
+    [
+        (REVIEW_2014, {"asin": "B" * 3000}, "asin"),
+        (REVIEW_2018, {"reviewerID": "A" * 65}, "reviewerID"),
+        (REVIEW_2023, {"parent_asin": "P" * 100}, "parent_asin"),
+        (META_2018, {"asin": "x" * 2000}, "asin"),
+        (META_2023, {"parent_asin": "p" * 70}, "parent_asin"),
+    ],
+)
+def test_ids_longer_than_any_real_one_are_refused_naming_the_field(line, edit, field):
+    clean = clean_review if "review" in detect(decode(line))[0] else clean_product
+    with pytest.raises(CleanError, match=rf"^{field} is [\d,]+ characters long"):
+        clean(parsed(line, edit))
+    assert clean(parsed(line, {k: v[:64] for k, v in edit.items()}))  # 64 is fine
+
+
+@pytest.mark.parametrize(
+    "line, edit, field",
+    [
+        (REVIEW_2014, {"unixReviewTime": 10**13}, "unixReviewTime"),  # year 318857
+        (REVIEW_2014, {"unixReviewTime": 2_533_000_000_000}, "unixReviewTime"),  # year 82269
+        (REVIEW_2018, {"unixReviewTime": 500_000_000}, "unixReviewTime"),  # 1985
+        (REVIEW_2018, {"unixReviewTime": None, "reviewTime": "01 2, 1989"}, "reviewTime"),
+        (REVIEW_2023, {"timestamp": 9_999_999_999_999_999}, "timestamp"),  # past year 9999
+        (REVIEW_2023, {"timestamp": 1e300}, "timestamp"),
+        (REVIEW_2023, {"timestamp": (time.time() + 3 * 86400) * 1000}, "timestamp"),
+    ],
+)
+def test_impossible_review_times_are_refused_naming_the_field(line, edit, field):
+    with pytest.raises(CleanError, match=rf"^{field}: .* is not a plausible review time"):
+        clean_review(parsed(line, edit))
+
+
+def test_tomorrow_is_a_plausible_time_clock_skew_allowed():
+    soon = int((time.time() + 3600) * 1000)
+    assert clean_review(parsed(REVIEW_2023, {"timestamp": soon})).reviewed_at.micros == soon * 1000
+
+
+def test_a_category_given_as_a_string_is_one_category_not_its_letters():
+    product = clean_product(parsed(META_2018, {"category": "Electronics"}))
+    assert product.categories == ["Electronics"]
+    assert flatten_categories("Toys & Games") == ["Toys & Games"]
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-Infinity", float("nan")])
+def test_an_average_rating_that_is_not_a_number_is_null(value):
+    assert clean_product(parsed(META_2023, {"average_rating": value})).average_rating is None
+
+
+def test_a_nul_in_one_url_drops_that_value_with_a_note_and_keeps_the_review():
+    good = "https://images.example.com/a.jpg"
+    review = clean_review(parsed(REVIEW_2018, {"image": [good, "https://x/\x00b.jpg"]}))
+    assert review.images == [good] and review.text
+    assert review.notes == ["image: dropped 'https://x/\\x00b.jpg': not printable"]
+    assert clean_review(parsed(REVIEW_2018)).notes is None  # nothing dropped, no note
+    product = clean_product(parsed(META_2018, {"also_buy": ["B000000001", "B0\x00"]}))
+    assert product.also_bought == ["B000000001"] and product.notes[0].startswith("also_buy:")
+
+
+@pytest.mark.parametrize(
+    "line, edit, reason",
+    [
+        (REVIEW_2018, {"vote": "3,000,000,000"}, "vote: 3,000,000,000 is out of range"),
+        (REVIEW_2014, {"helpful": [1, 10**12]}, "helpful: 1,000,000,000,000 is out of range"),
+        (REVIEW_2023, {"helpful_vote": 2**40}, "helpful_vote: 1,099,511,627,776 is out of range"),
+    ],
+)
+def test_every_overflowing_count_names_its_field(line, edit, reason):
+    with pytest.raises(CleanError, match=f"^{reason}"):
+        clean_review(parsed(line, edit))
+
+
+def test_a_number_that_cannot_be_a_price_or_a_count_is_null_with_a_note():
+    product = clean_product(parsed(META_2023, {"price": 1e15, "rating_number": 10**12}))
+    assert product.price is None and product.rating_number is None
+    assert [n.split(":")[0] for n in product.notes] == ["price", "rating_number"]
+    assert clean_product(parsed(META_2023, {"price": float("inf")})).price is None

@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import string
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import apache_beam as beam
+import psycopg
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
@@ -204,6 +206,51 @@ def test_rows_the_database_rejects_become_dead_letters_and_the_rest_land(datalak
             equal_to([("sink", "f", 2, True)]),
         )
     assert query(datalake, "SELECT count(*) FROM reviews") == [(5,)]
+
+
+def test_a_value_too_big_for_an_index_is_one_dead_letter_not_a_failed_run(datalake):
+    """Postgres refuses an index entry over ~2.7 kB with SQLSTATE 54000, which psycopg
+    raises as an OperationalError: a row's fault all the same (sorted by SQLSTATE class),
+    so the row alone is a dead letter with the database's message and the rest lands."""
+    noise = "".join(random.Random(1).choices(string.ascii_letters + string.digits, k=3000))
+    base = clean_review(ParsedRecord("f", 1, "review", 2014, json.loads(REVIEW_2014), ""))
+    good = [base._replace(review_id=f"r{i}", line=i) for i in range(1, 8)]
+    huge = base._replace(review_id="huge", asin=noise, line=99)  # past the clean stage's bound
+    with TestPipeline() as p:
+        rejected = (
+            p
+            | beam.Create(good[:4] + [huge] + good[4:])
+            | WriteRows(REVIEWS, Target(datalake, pipeline="reviews", batch_size=100))
+        )
+        assert_that(
+            rejected | beam.Map(lambda d: (d.stage, d.line, "index row size" in d.error)),
+            equal_to([("sink", 99, True)]),
+        )
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(7,)]
+
+
+def test_faults_are_sorted_by_sqlstate_class_not_by_exception_type(datalake):
+    """Faults are sorted by SQLSTATE class, not exception type: a connection error is the
+    connection's (retried), a programming error is nobody's row (the run fails at once)."""
+    from connectors import datalake as lake
+
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    assert lake.is_transient(lost) and not lake.is_row_fault(lost)
+    with psycopg.connect(datalake) as conn:
+        for statement, transient, row in (
+            ("SELECT 1/0", False, True),  # 22012: a data exception
+            ("SELECT repeat('x', 10) :: varchar(2) :: int", False, True),  # 22P02
+            ("SELECT * FROM no_such_table", False, False),  # 42P01: ours, not a row's
+            ("SELECT pg_sleep(1)", True, False),  # 57014, with statement_timeout = 1 ms
+        ):
+            conn.execute("SET statement_timeout = 1" if "sleep" in statement else "SELECT 1")
+            with pytest.raises(psycopg.Error) as caught:
+                conn.execute(statement)
+            conn.rollback()
+            assert (lake.is_transient(caught.value), lake.is_row_fault(caught.value)) == (
+                transient,
+                row,
+            ), statement
 
 
 def test_concurrent_write_lanes_keep_the_latest_record_of_every_key(datalake):
@@ -407,3 +454,59 @@ def test_dead_letters_postgres_cannot_hold_are_escaped_not_lost(datalake):
     assert query(datalake, "SELECT raw, error FROM dead_letters") == [
         ("a\\u0000b \\ud800 é", "bad \\ud800")
     ]
+
+
+# --- precedence: a newer generation is never overwritten by an older one ------------------
+
+# The same review in the 2014 format: fewer fields (no verified, no style), other votes.
+REVIEW_2018_AS_2014 = json.dumps(
+    {
+        "reviewerID": "AUI6WTTT0QZYS",
+        "asin": "5120053084",
+        "reviewerName": "Abbey",
+        "helpful": [0, 0],
+        "reviewText": "I now have 4 of these (as the 2014 copy has it)",
+        "overall": 5.0,
+        "summary": "Great",
+        "unixReviewTime": 1310169600,
+        "reviewTime": "07 9, 2011",
+    }
+)
+NEWEST = (2018, True, 1341, {"Size": "Big Boys", "Color": "Blue/Orange"})
+
+
+def stored_review(dsn: str) -> list[tuple]:
+    return query(dsn, "SELECT source_format, verified, helpful_votes, style FROM reviews")
+
+
+@pytest.mark.parametrize("first", ["2018", "2014"])
+def test_a_newer_generation_wins_in_either_order_across_runs(datalake, tmp_path, first):
+    """The 2014 file's name sorts after the 2018 file's: the file name must not decide."""
+    files = {
+        "2018": write_lines(tmp_path / "a_Books_2018.json", [REVIEW_2018]),
+        "2014": write_lines(tmp_path / "z_reviews_Books_2014.json", [REVIEW_2018_AS_2014]),
+    }
+    second = "2014" if first == "2018" else "2018"
+    for generation in (first, second):
+        summary = reviews.run(["--dsn", datalake, "--input", files[generation]])
+        assert summary.upserted == 1 and summary.dead_letters == 0
+        assert query(datalake, "SELECT count(*) FROM reviews") == [(1,)]
+    assert stored_review(datalake) == [NEWEST]
+    again = reviews.run(["--dsn", datalake, "--input", files["2014"], "--input", files["2018"]])
+    assert again.changed == 0 and stored_review(datalake) == [NEWEST]
+
+
+def test_a_newer_generation_wins_over_an_older_one_streamed_later(datalake, tmp_path):
+    """Batch, stream and the REST path write through the one sink: the same rule holds."""
+    from connectors import landing
+    from pipelines import stream
+
+    reviews.run(["--dsn", datalake, "--input", write_lines(tmp_path / "a.json", [REVIEW_2018])])
+    root = tmp_path / "landing"
+    landing.land_lines("reviews", [REVIEW_2018_AS_2014], "zzz.jsonl", root)
+    summary = stream.run(
+        ["--dsn", datalake, "--landing", str(root), "--poll-interval", "0.1"]
+        + ["--stop-after-idle", "1"]
+    )
+    assert summary.upserted == 1 and summary.changed == 0
+    assert stored_review(datalake) == [NEWEST]

@@ -11,7 +11,9 @@ import datetime
 import functools
 import hashlib
 import html
+import math
 import re
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import apache_beam as beam
@@ -36,6 +38,14 @@ _PRICE = re.compile(r"^\$?\s*(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?$")
 _RANK = re.compile(r"#?\s*(\d[\d,]*)\s+in\s+([^(]+?)\s*(?:\(|$)")
 _REVIEW_DATE = re.compile(r"^(\d{1,2}) (\d{1,2}), (\d{4})$")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# Bounds of what is stored: no real id is longer (asins have 10 characters, 2023 user ids
+# 28), and a longer key can exceed what a database index holds.
+MAX_ID_CHARS = 64
+MAX_COUNT = 2**31 - 1  # counts go to integer columns
+MAX_PRICE = 1e9  # no product costs a billion dollars: such a "price" is scraping debris
+# Plausible review times: the public datasets start in 1996; a day of clock skew ahead.
+EARLIEST_REVIEW_MICROS = 631_152_000 * 1_000_000  # 1990-01-01T00:00:00Z
+FUTURE_SLACK_MICROS = 86_400 * 1_000_000
 
 
 class CleanError(ValueError):
@@ -99,43 +109,58 @@ def _unique(values: Iterable[Optional[str]]) -> list[str]:
     return list(dict.fromkeys(v for v in values if v))
 
 
-def parse_count(value: Any) -> Optional[int]:
-    """A vote or rating count: 3, "3", "1,341" -> int; "" or None -> None."""
+def parse_count(value: Any, field: str = "count") -> Optional[int]:
+    """A vote or rating count: 3, "3", "1,341" -> int; "" or None -> None; a count larger
+    than an integer column holds is an error naming ``field``."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise CleanError(f"not a count: {value!r}")
+        raise CleanError(f"{field}: not a count: {value!r}")
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and _COUNT.match(value.strip()):
-        return int(value.strip().replace(",", ""))
-    raise CleanError(f"not a count: {value!r}")
+        count = value
+    elif isinstance(value, float) and value.is_integer():
+        count = int(value)
+    elif isinstance(value, str) and _COUNT.match(value.strip()):
+        count = int(value.strip().replace(",", ""))
+    else:
+        raise CleanError(f"{field}: not a count: {value!r}")
+    if not 0 <= count <= MAX_COUNT:
+        raise CleanError(f"{field}: {count:,} is out of range for a count (0 to {MAX_COUNT:,})")
+    return count
 
 
-def parse_price(value: Any) -> Optional[float]:
-    """USD price: 12.5, "$1,250.00" -> float; "", CSS, scripts, ranges -> None."""
+def parse_price(value: Any, notes: Optional[list[str]] = None) -> Optional[float]:
+    """USD price: 12.5, "$1,250.00" -> float; "", CSS, scripts, ranges -> None; a number
+    that cannot be a price (NaN, a billion dollars) -> None, with a note."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if value >= 0 else None
-    if not isinstance(value, str):
+        price = float(value) if value >= 0 else None
+    elif isinstance(value, str) and (match := _PRICE.match(value.strip())):
+        price = float(match.group(1).replace(",", "") + (match.group(2) or ""))
+    else:
         return None
-    match = _PRICE.match(value.strip())
-    if not match:
+    if price is not None and not (math.isfinite(price) and price < MAX_PRICE):
+        note(notes, "price", f"{value!r} is not a plausible price")
         return None
-    return float(match.group(1).replace(",", "") + (match.group(2) or ""))
+    return price
 
 
 def parse_float(value: Any) -> Optional[float]:
-    """A plain number, possibly written as a string; garbage -> None."""
+    """A plain finite number, possibly written as a string; garbage, NaN, infinity -> None."""
     if value is None or value == "" or isinstance(value, bool):
         return None
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None
+
+
+def note(notes: Optional[list[str]], field: str, what: str) -> None:
+    """Record that cleaning dropped a field's value and why (the row keeps the rest)."""
+    if notes is not None:
+        notes.append(f"{field}: {what}")
 
 
 def parse_rating(value: Any) -> float:
@@ -162,19 +187,29 @@ def _whole_seconds(seconds: int) -> tuple[Timestamp, int]:
     return Timestamp(micros=seconds * 1_000_000), seconds * 1_000_000
 
 
+def plausible_time(micros: int, field: str, value: Any) -> int:
+    """``micros`` if it is a plausible review time (1990 to a day from now); else a
+    CleanError naming the field (an impossible time must not reach Beam's windows)."""
+    if not EARLIEST_REVIEW_MICROS <= micros <= time.time() * 1e6 + FUTURE_SLACK_MICROS:
+        raise CleanError(
+            f"{field}: {value!r} is not a plausible review time (1990 to a day from now)"
+        )
+    return micros
+
+
 def review_time(
-    seconds: Any = None, date_text: Any = None, millis: Any = None
+    seconds: Any = None, date_text: Any = None, millis: Any = None, field: str = "time"
 ) -> tuple[Timestamp, int]:
     """Review time as (UTC Timestamp, epoch micros): from epoch seconds, epoch millis, or
-    "MM D, YYYY"."""
+    "MM D, YYYY"; outside 1990 to a day from now is a CleanError naming ``field``."""
     if type(seconds) is int and seconds > 0 and millis is None:  # 2014/2018: the usual case
-        return _whole_seconds(seconds)
+        return _whole_seconds(plausible_time(seconds * 1_000_000, field, seconds) // 1_000_000)
     for value, scale in ((millis, 1000), (seconds, 1)):
         number = parse_float(value)
         if number is not None and number > 0:
             if scale == 1000 and number < 1e11:  # a 2023 copy written in seconds
                 scale = 1
-            micros = int(round(number * 1_000_000 / scale))
+            micros = plausible_time(int(round(number * 1_000_000 / scale)), field, value)
             return Timestamp(micros=micros), micros
     if isinstance(date_text, str):
         match = _REVIEW_DATE.match(date_text.strip())
@@ -185,6 +220,7 @@ def review_time(
             except ValueError as error:
                 raise CleanError(f"bad reviewTime {date_text!r}: {error}") from None
             timestamp = Timestamp.from_utc_datetime(when)
+            plausible_time(timestamp.micros, "reviewTime", date_text)
             return timestamp, timestamp.micros
     raise CleanError(
         f"no review time: unixReviewTime/timestamp {seconds or millis!r}, "
@@ -194,10 +230,16 @@ def review_time(
 
 def review_event_time(fields: Mapping[str, Any], generation: int) -> tuple[Timestamp, int]:
     """A review's time (Timestamp, epoch micros) from its fields: the one place each
-    generation's time fields are read (cleaning, and the streaming source's event time)."""
+    generation's time fields are read (cleaning, the streaming source's event time, the
+    REST service's check of each line)."""
     if generation == 2023:
-        return review_time(millis=fields.get("timestamp") or fields.get("sort_timestamp"))
-    return review_time(seconds=fields.get("unixReviewTime"), date_text=fields.get("reviewTime"))
+        name = "timestamp" if fields.get("timestamp") else "sort_timestamp"
+        return review_time(millis=fields.get(name), field=name)
+    return review_time(
+        seconds=fields.get("unixReviewTime"),
+        date_text=fields.get("reviewTime"),
+        field="unixReviewTime",
+    )
 
 
 def review_id(reviewer_id: str, asin: str, micros: int) -> str:
@@ -214,15 +256,30 @@ def _long_text(value: Any, needs_cleaning: bool) -> Optional[str]:
 
 
 def required_id(fields: Mapping[str, Any], *names: str) -> str:
-    """An identifier that must be present (reviewer, asin): first non-empty of names."""
+    """An identifier that must be present (reviewer, asin): first non-empty of names, at
+    most MAX_ID_CHARS long (a longer one is an error naming the field)."""
     for name in names:
         value = fields.get(name)
-        if type(value) is str and value.isalnum():  # the usual case: nothing to clean
-            return value
-        value = clean_label(value)
+        if not (type(value) is str and value.isalnum()):  # the usual case: nothing to clean
+            value = clean_label(value)
         if value:
-            return value
+            return bounded_id(value, name)
     raise CleanError(f"missing {' / '.join(names)}")
+
+
+def bounded_id(value: str, field: str) -> str:
+    """An identifier no longer than any real one; else a CleanError naming the field."""
+    if len(value) > MAX_ID_CHARS:
+        raise CleanError(
+            f"{field} is {len(value):,} characters long; an id has at most {MAX_ID_CHARS}"
+        )
+    return value
+
+
+def optional_id(value: Any, field: str) -> Optional[str]:
+    """An identifier that may be missing (2023 parent_asin), bounded like ``required_id``."""
+    value = clean_label(value)
+    return None if value is None else bounded_id(value, field)
 
 
 def clean_style(style: Any) -> Optional[dict[str, str]]:
@@ -300,10 +357,14 @@ def parse_sales_rank(rank: Any) -> Optional[dict[str, int]]:
     return ranks or None
 
 
-def _lenient_count(value: Any) -> Optional[int]:
+def _lenient_count(
+    value: Any, field: str = "count", notes: Optional[list[str]] = None
+) -> Optional[int]:
+    """A count, or None where it is not one (noted when ``notes`` is given)."""
     try:
-        return parse_count(value)
-    except CleanError:
+        return parse_count(value, field)
+    except CleanError as error:
+        note(notes, field, str(error).removeprefix(f"{field}: "))
         return None
 
 
@@ -316,9 +377,12 @@ def clean_main_category(value: Any) -> Optional[str]:
 
 
 def flatten_categories(categories: Any) -> list[str]:
-    """Category paths (2014: list of lists; 2018/2023: list) flattened, de-duplicated."""
+    """Category paths (2014: list of lists; 2018/2023: list) flattened, de-duplicated; a
+    single category given as a string is one category, not its letters."""
     if not categories:
         return []
+    if isinstance(categories, str):
+        return clean_labels([categories])
     flat: list[Any] = []
     for item in categories:
         if isinstance(item, (list, tuple)):
@@ -336,12 +400,22 @@ def join_paragraphs(value: Any) -> Optional[str]:
     return clean_text(value)
 
 
-def _urls(values: Any) -> list[str]:
+def _urls(values: Any, field: str = "url", notes: Optional[list[str]] = None) -> list[str]:
+    """URLs (or ASINs): trimmed, de-duplicated; one with a control character (a NUL, which
+    Postgres text cannot hold) is dropped with a note, not the whole record."""
     if not values:
         return []
     if isinstance(values, str):
         values = [values]
-    return list(dict.fromkeys(v.strip() for v in values if isinstance(v, str) and v.strip()))
+    kept = []
+    for value in values:
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if not value.isprintable():
+            note(notes, field, f"dropped {value[:80]!r}: not printable")
+            continue
+        kept.append(value.strip())
+    return list(dict.fromkeys(kept))
 
 
 # --- records -----------------------------------------------------------------------
@@ -350,18 +424,21 @@ def _urls(values: Any) -> list[str]:
 def clean_review(record: ParsedRecord) -> Review:
     """Canonical Review from a parsed review of any generation."""
     f = record.fields
+    notes: list[str] = []
     if record.source_format == 2023:
         reviewer = required_id(f, "user_id")
         asin = required_id(f, "asin", "parent_asin")
-        parent = clean_label(f.get("parent_asin"))
+        parent = optional_id(f.get("parent_asin"), "parent_asin")
         when, micros = review_event_time(f, 2023)
-        helpful = parse_count(f.get("helpful_vote", f.get("helpful_votes")))
+        helpful = parse_count(f.get("helpful_vote", f.get("helpful_votes")), "helpful_vote")
         images = _urls(
             [
                 i.get("large_image_url") or i.get("medium_image_url") or i.get("small_image_url")
                 for i in f.get("images") or ()
                 if isinstance(i, dict)
-            ]
+            ],
+            "images",
+            notes,
         )
         return Review(
             review_id(reviewer, asin, micros),
@@ -381,6 +458,7 @@ def clean_review(record: ParsedRecord) -> Review:
             2023,
             record.source,
             record.line,
+            notes or None,
         )
     reviewer = required_id(f, "reviewerID")
     asin = required_id(f, "asin")
@@ -389,10 +467,10 @@ def clean_review(record: ParsedRecord) -> Review:
         helpful_votes, total_votes = _helpful_pair(f.get("helpful"))
         verified, images, style = None, [], None
     else:
-        votes = parse_count(f.get("vote"))
+        votes = parse_count(f.get("vote"), "vote")
         helpful_votes, total_votes = (votes if votes is not None else 0), None
         verified = parse_bool(f.get("verified"))
-        images, style = _urls(f.get("image")), clean_style(f.get("style"))
+        images, style = _urls(f.get("image"), "image", notes), clean_style(f.get("style"))
     return Review(
         review_id(reviewer, asin, micros),
         reviewer,
@@ -411,6 +489,7 @@ def clean_review(record: ParsedRecord) -> Review:
         record.source_format,
         record.source,
         record.line,
+        notes or None,
     )
 
 
@@ -420,13 +499,14 @@ def _helpful_pair(helpful: Any) -> tuple[Optional[int], Optional[int]]:
         return None, None
     if not isinstance(helpful, (list, tuple)) or len(helpful) != 2:
         raise CleanError(f"helpful must be [helpful_votes, total_votes], got {helpful!r}")
-    return parse_count(helpful[0]), parse_count(helpful[1])
+    return parse_count(helpful[0], "helpful"), parse_count(helpful[1], "helpful")
 
 
 def clean_product(record: ParsedRecord) -> Product:
     """Canonical Product from parsed metadata of any generation."""
     f = record.fields
     fmt = record.source_format
+    notes: list[str] = []
     if fmt == 2023:
         details = f.get("details")
         rank = details.get("Best Sellers Rank") if isinstance(details, dict) else None
@@ -437,10 +517,10 @@ def clean_product(record: ParsedRecord) -> Product:
             clean_label(f.get("store")),
             clean_main_category(f.get("main_category")),
             flatten_categories(f.get("categories")),
-            parse_price(f.get("price")),
+            parse_price(f.get("price"), notes),
             parse_sales_rank(rank),
             parse_float(f.get("average_rating")),
-            _lenient_count(f.get("rating_number")),
+            _lenient_count(f.get("rating_number"), "rating_number", notes),
             join_paragraphs(f.get("description")),
             clean_labels(f.get("features")),
             _urls(
@@ -448,15 +528,18 @@ def clean_product(record: ParsedRecord) -> Product:
                     i.get("hi_res") or i.get("large") or i.get("thumb")
                     for i in f.get("images") or ()
                     if isinstance(i, dict)
-                ]
+                ],
+                "images",
+                notes,
             ),
             [],
             [],
-            _urls(f.get("bought_together")),
+            _urls(f.get("bought_together"), "bought_together", notes),
             clean_details(details, extra),
             fmt,
             record.source,
             record.line,
+            notes or None,
         )
     if fmt == 2018:
         extra = {k: f.get(k) for k in ("date", "tech1", "tech2", "fit", "similar_item")}
@@ -466,20 +549,21 @@ def clean_product(record: ParsedRecord) -> Product:
             clean_label(f.get("brand")),
             clean_main_category(f.get("main_cat")),
             flatten_categories(f.get("category")),
-            parse_price(f.get("price")),
+            parse_price(f.get("price"), notes),
             parse_sales_rank(f.get("rank")),
             None,
             None,
             join_paragraphs(f.get("description")),
             clean_labels(f.get("feature")),
-            _urls(f.get("imageURLHighRes") or f.get("imageURL") or f.get("image")),
-            _urls(f.get("also_buy")),
-            _urls(f.get("also_view")),
+            _urls(f.get("imageURLHighRes") or f.get("imageURL") or f.get("image"), "image", notes),
+            _urls(f.get("also_buy"), "also_buy", notes),
+            _urls(f.get("also_view"), "also_view", notes),
             [],
             clean_details(f.get("details"), extra),
             fmt,
             record.source,
             record.line,
+            notes or None,
         )
     related = f.get("related") if isinstance(f.get("related"), dict) else {}
     categories = flatten_categories(f.get("categories"))
@@ -490,20 +574,21 @@ def clean_product(record: ParsedRecord) -> Product:
         clean_label(f.get("brand")),
         clean_label(first_path[0]) if isinstance(first_path, list) and first_path else None,
         categories,
-        parse_price(f.get("price")),
+        parse_price(f.get("price"), notes),
         parse_sales_rank(f.get("salesRank")),
         None,
         None,
         join_paragraphs(f.get("description")),
         [],
-        _urls(f.get("imUrl")),
-        _urls(related.get("also_bought")),
-        _urls(related.get("also_viewed")),
-        _urls(related.get("bought_together")),
+        _urls(f.get("imUrl"), "imUrl", notes),
+        _urls(related.get("also_bought"), "also_bought", notes),
+        _urls(related.get("also_viewed"), "also_viewed", notes),
+        _urls(related.get("bought_together"), "bought_together", notes),
         clean_details(None, {"buy_after_viewing": related.get("buy_after_viewing")}),
         fmt,
         record.source,
         record.line,
+        notes or None,
     )
 
 

@@ -63,6 +63,8 @@ class Review(NamedTuple):
     source_format: int
     source: str
     line: int
+    # What cleaning dropped and why ("images: dropped '…': not printable"); None if nothing.
+    notes: Optional[Sequence[str]] = None
 
 
 class Product(NamedTuple):
@@ -87,6 +89,7 @@ class Product(NamedTuple):
     source_format: int
     source: str
     line: int
+    notes: Optional[Sequence[str]] = None  # what cleaning dropped and why, as for Review
 
 
 class DeadLetter(NamedTuple):
