@@ -38,6 +38,7 @@ setup(
     # (literal lists: tests and the Dockerfile read them without running this file)
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
+        "dask": ["dask[distributed]>=2024.4.2"],
         "notebooks": [
             "apache-beam[interactive]==2.77.0",
             "pandas>=2.2",
@@ -46,11 +47,13 @@ setup(
         ],
         "test": [
             "termidator[serve,notebooks]",
+            "termidator[dask]",
             "pytest>=8",
             "black>=24",
             "nbclient>=0.10",
             "ipykernel>=6.29",
             "pyyaml>=6",
+            "schemathesis>=4.32,<5",
         ],
         "all": ["termidator[serve,notebooks,test]"],
     },

@@ -297,7 +297,13 @@ STALE_AFTER_S = 60.0
 RUN_STATES = ("RUNNING", "DONE", "FAILED", "CANCELLED", "ABANDONED")
 
 
-def _this_process() -> tuple[str, int, datetime.datetime]:
+def this_host() -> str:
+    """This machine's name, as runs record it."""
+    return socket.gethostname()
+
+
+def this_process() -> tuple[str, int, datetime.datetime]:
+    """(host, pid, start time) of this process: who owns a run, a claim, a request."""
     import psutil
 
     started = psutil.Process().create_time()
@@ -313,7 +319,7 @@ def start_run(
 ) -> str:
     """Record a run as RUNNING, with the process that runs it; returns its id."""
     run_id = run_id or str(uuid.uuid4())
-    host, pid, started = _this_process()
+    host, pid, started = this_process()
     with connect(dsn) as conn:
         conn.execute(
             "INSERT INTO pipeline_runs (run_id, pipeline, options, state, host, pid,"
@@ -345,7 +351,9 @@ def finish_run(
         )
 
 
-def _gone(host: Optional[str], pid: Optional[int], started: Optional[datetime.datetime]) -> bool:
+def process_gone(
+    host: Optional[str], pid: Optional[int], started: Optional[datetime.datetime]
+) -> bool:
     """Whether a run's process, on this host, no longer exists (or its pid was reused)."""
     import psutil
 
@@ -368,7 +376,9 @@ def mark_abandoned(conn: psycopg.Connection) -> list[str]:
         (STALE_AFTER_S,),
     ).fetchall()
     gone = [
-        str(run) for run, host, pid, started, stale in rows if stale or _gone(host, pid, started)
+        str(run)
+        for run, host, pid, started, stale in rows
+        if stale or process_gone(host, pid, started)
     ]
     if gone:
         conn.execute(
@@ -435,6 +445,17 @@ def cancel_runs_of_job(dsn: str, job_name: str) -> None:
             " WHERE options->>'job_name' = %s AND state IN ('RUNNING', 'FAILED', 'ABANDONED')",
             (job_name,),
         )
+
+
+def commonest_dead_letter(dsn: str, run_id: str) -> str:
+    """The error most of a run's dead letters give (their count in front)."""
+    with connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*), min(error) FROM dead_letters WHERE run_id = %s"
+            " GROUP BY regexp_replace(error, '[0-9]+', '#', 'g') ORDER BY 1 DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+    return f"{row[1]} ({row[0]:,} times)" if row else "(no dead letters recorded)"
 
 
 def add_run_counters(

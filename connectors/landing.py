@@ -9,9 +9,13 @@ is done. The streaming source over the zone is ``connectors.landing_source``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
+import glob
+import hashlib
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -20,13 +24,20 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import psycopg
 
-from connectors import datalake
-from connectors.datalake import connect, termidator_home
+from connectors import datalake, idempotency
+from connectors.datalake import (
+    DatalakeUnavailable,
+    connect,
+    process_gone,
+    termidator_home,
+    this_host,
+    this_process,
+)
+from connectors.files import DATASET_SUFFIXES
 from connectors.sink import CommitHook
 from transforms.records import PRODUCT, REVIEW
 
 DATASETS: Mapping[str, str] = {"reviews": REVIEW, "products": PRODUCT}
-SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 _LOG = logging.getLogger(__name__)
 
 
@@ -54,7 +65,7 @@ def landing_dir(dataset: str, root: Optional[Path] = None, create: bool = True) 
 
 def is_landed_name(name: str) -> bool:
     """Whether a directory entry is a complete dataset file (temp files start with '.')."""
-    return not name.startswith(".") and name.endswith(SUFFIXES)
+    return not name.startswith(".") and name.endswith(DATASET_SUFFIXES)
 
 
 def new_file_name(suffix: str = ".jsonl") -> str:
@@ -74,7 +85,7 @@ class LandingFile:
 
     def __init__(self, directory: Path, name: Optional[str] = None):
         if name is not None and not is_landed_name(name):
-            raise ValueError(f"a landed file name ends in one of {SUFFIXES}: {name!r}")
+            raise ValueError(f"a landed file name ends in one of {DATASET_SUFFIXES}: {name!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.name = name or new_file_name()
@@ -97,7 +108,8 @@ class LandingFile:
         return self.path
 
     def abort(self) -> None:
-        if not self._file.closed:
+        """Remove the temp file (even when closing it fails, as on a full disk)."""
+        with contextlib.suppress(OSError):  # the close closed it all the same
             self._file.close()
         self._temp.unlink(missing_ok=True)
 
@@ -222,6 +234,8 @@ class Ledger:
         self._conn: Optional[psycopg.Connection] = None
         self._done: set[str] = set()  # not asked about again
         self._counter_source = f"landing-{run_id[:8]}-{os.getpid()}"
+        self._idle_ms = 0  # waited for new files, not yet added to the run's counters
+        self._idle_since_flush = time.monotonic()
 
     def connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -314,6 +328,25 @@ class Ledger:
             _LOG.warning("taking over %s from run %s (%s)", landed.path, run_id, run_state)
         return Claim(landed, run_id)
 
+    def idled(self, seconds: float) -> None:
+        """Time spent waiting for new files (the stream's rate counts busy time only);
+        added to the run's counters with the next file, or every ten seconds."""
+        self._idle_ms += int(seconds * 1000)
+        if time.monotonic() - self._idle_since_flush >= 10:
+            self.flush_idle()
+
+    def flush_idle(self) -> None:
+        """Add the idle time not counted yet to the run's counters (e.g. as it stops)."""
+        with contextlib.suppress(psycopg.Error):
+            datalake.add_run_counters(
+                self.connection(), self.run_id, self._counter_source, self._idle()
+            )
+
+    def _idle(self) -> dict[str, int]:
+        idle, self._idle_ms = self._idle_ms, 0
+        self._idle_since_flush = time.monotonic()
+        return {"idle_ms": idle}
+
     def emitted(self, name: str, records: int, dead_letters: int) -> None:
         """A claimed file is read: it is done once ``records + dead_letters`` items are
         settled (already, if the sinks were quicker than this)."""
@@ -335,7 +368,12 @@ class Ledger:
                 conn,
                 self.run_id,
                 self._counter_source,
-                {"records_read": records, "read_dead_letters": dead_letters, "files_read": 1},
+                {
+                    "records_read": records,
+                    "read_dead_letters": dead_letters,
+                    "files_read": 1,
+                    **self._idle(),
+                },
             )
 
 
@@ -386,3 +424,81 @@ def waiting_files(dsn: str, dataset: str, run_id: str) -> list[Waiting]:
                 (dataset, run_id),
             )
         ]
+
+
+# --- leftovers: temp files of writers that died ----------------------------------------
+
+
+def landing_name(dataset: str, key: Optional[str]) -> str:
+    """A unique landing file name (sorting by arrival), marked with the key's digest; one
+    without a key is marked with its writer instead, so that a temp file it leaves when
+    its process dies can be told from a live one (a key's reservation records that)."""
+    if key is None:
+        host, pid, started = this_process()
+        return new_file_name(f"-w{_host_digest(host)}-{pid}-{int(started.timestamp())}.jsonl")
+    digest = hashlib.sha256(f"{dataset}\x1f{key}".encode()).hexdigest()[:24]
+    return new_file_name(f"-key-{digest}.jsonl")
+
+
+def _host_digest(host: str) -> str:
+    return hashlib.sha256(host.encode()).hexdigest()[:8]
+
+
+# LandingFile writes ``.{name}.{random hex}.tmp`` beside the file it lands.
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]+\.tmp$")
+_WRITER = re.compile(r"-w(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<started>\d+)\.jsonl$")
+
+
+def remove_temp_files(directory: Path, name: str) -> int:
+    """Remove the temp files of landing file ``name`` (an abandoned request's, taken
+    over); returns how many."""
+    return sum(
+        _remove_if_older(path, float("inf"))
+        for path in directory.glob(f".{glob.escape(name)}.*.tmp")
+    )
+
+
+def _remove_if_older(path: Path, before: float) -> int:
+    try:
+        if path.stat().st_mtime < before:
+            path.unlink()
+            return 1
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def clean_abandoned_uploads(dsn: str, root: Path, stale_s: float) -> int:
+    """Remove the temp files of uploads no live request will finish (at start-up): those
+    of abandoned keyed requests, and unkeyed ones whose writer on this host is gone (on
+    another host: last written more than ``stale_s`` ago). Returns how many."""
+    since = time.time()  # a temp file written after this belongs to a live request
+    try:
+        keyed = {(a.dataset, a.file) for a in idempotency.abandoned(dsn, stale_s)}
+    except (psycopg.Error, DatalakeUnavailable) as error:
+        _LOG.warning("cannot list abandoned ingest requests (%s); their temp files stay", error)
+        keyed = set()
+    removed = 0
+    for dataset in DATASETS:
+        for path in (root / dataset).glob(".*.tmp"):
+            temp = _TEMP.match(path.name)
+            if temp is None:
+                continue
+            name = temp["name"]
+            if (dataset, name) in keyed:
+                removed += _remove_if_older(path, since)
+            elif (writer := _WRITER.search(name)) is not None:
+                removed += _remove_if_older(path, _abandoned_before(writer, stale_s))
+    if removed:
+        _LOG.warning("removed %d temp file(s) of uploads that died with their process", removed)
+    return removed
+
+
+def _abandoned_before(writer: re.Match, stale_s: float) -> float:
+    """Temp files of this writer last written before the returned time are abandoned:
+    any, if it was a process of this host that is gone; else those older than stale_s."""
+    host = this_host()
+    if writer["host"] != _host_digest(host):
+        return time.time() - stale_s
+    started = datetime.datetime.fromtimestamp(int(writer["started"]), datetime.timezone.utc)
+    return float("inf") if process_gone(host, int(writer["pid"]), started) else float("-inf")

@@ -2,27 +2,30 @@
 
 Any dataset file (``.json``/``.jsonl``, gzipped or not, read with the pipelines' own
 ``iter_lines``) goes out in gzip NDJSON batches, each with an idempotency key derived
-from the file and the batch, so a retry, or running the same command again after a
-failure, lands nothing twice. Failures are retried with exponential backoff; a
-progress bar shows records/s; at the end the service's accepted and rejected counts.
+from the batch's records, so a retry, or sending the same records again (after a
+failure, from a copy of the file), lands nothing twice — and the summary says which
+records were new and which the service had already taken. Failures are retried with
+exponential backoff; progress shows bytes of the file sent, the rate and the ETA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import os
 import random
-import sys
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import httpx
 
 from connectors.files import TruncatedFileError, iter_lines
+from pipelines.interrupts import EXIT_INTERRUPTED
+from pipelines.progress import Measure, Reporter
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "TERMIDATOR_API_URL"
@@ -44,6 +47,9 @@ class SendResult:
     sent: int = 0
     accepted: int = 0
     rejected: int = 0
+    # Of the accepted: records the service had already taken under the same idempotency
+    # key (an earlier send of the same batches): answered again, landed nothing new.
+    already: int = 0
     batches: int = 0
     retries: int = 0
     elapsed_s: float = 0.0
@@ -51,6 +57,7 @@ class SendResult:
     files: list[str] = dataclasses.field(default_factory=list)
     truncated: Optional[str] = None
     error: Optional[str] = None
+    interrupted: bool = False
 
     @property
     def complete(self) -> bool:
@@ -61,7 +68,9 @@ class SendResult:
         lines = [
             f"sent {self.sent:,} records from {self.path} in {self.batches:,} batches"
             f" ({self.elapsed_s:.1f} s, {rate:,.0f} records/s, {self.retries} retries)",
-            f"  accepted  {self.accepted:>10,}   landed for the stream pipeline ({self.dataset})",
+            f"  landed    {self.accepted - self.already:>10,}   new, for the stream pipeline"
+            f" ({self.dataset})",
+            f"  already   {self.already:>10,}   taken before under the same keys: nothing new",
             f"  rejected  {self.rejected:>10,}   kept as dead letters (stage ingest)",
         ]
         for line, reason in self.rejections[:SHOWN_REJECTIONS]:
@@ -73,10 +82,17 @@ class SendResult:
         if self.error:
             lines.append(f"  error: {self.error}")
             lines.append("  run the same command again: sent batches are not landed twice")
+        if self.interrupted:
+            lines.append(
+                f"interrupted after {self.sent:,} records (every batch sent is landed);"
+                " run the same command again to send the rest"
+            )
         return "\n".join(lines)
 
 
-def batches(path: str, size: int, result: SendResult) -> Iterator[tuple[list[bytes], list[int]]]:
+def batches(
+    path: str, size: int, result: SendResult, position: Optional[Callable[[int], None]] = None
+) -> Iterator[tuple[list[bytes], list[int]]]:
     """(lines, their line numbers in the file), ``size`` non-blank lines at a time.
 
     A truncated gzip file yields its complete lines and then the cut-off one, which the
@@ -85,7 +101,7 @@ def batches(path: str, size: int, result: SendResult) -> Iterator[tuple[list[byt
     lines: list[bytes] = []
     numbers: list[int] = []
     try:
-        for number, line in iter_lines(path):
+        for number, line in iter_lines(path, position):
             if not line.strip():
                 continue
             lines.append(line)
@@ -103,34 +119,6 @@ def batches(path: str, size: int, result: SendResult) -> Iterator[tuple[list[byt
         yield lines, numbers
 
 
-class _Progress:
-    """A records/s progress bar on a terminal: tqdm where installed, else a plain line."""
-
-    def __init__(self, label: str, enabled: bool):
-        self._bar = None
-        self._enabled = enabled
-        self._count = 0
-        self._started = time.monotonic()
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(desc=label, unit=" rec", unit_scale=True, file=sys.stderr)
-
-    def update(self, n: int) -> None:
-        self._count += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self._enabled:
-            rate = self._count / max(time.monotonic() - self._started, 1e-9)
-            print(f"\rsent {self._count:,} records ({rate:,.0f}/s)", end="", file=sys.stderr)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self._enabled:
-            print(file=sys.stderr)
-
-
 def _post(
     client: httpx.Client,
     dataset: str,
@@ -138,8 +126,9 @@ def _post(
     key: str,
     retries: int,
     result: SendResult,
-) -> dict[str, Any]:
-    """POST one batch, retrying transient failures with exponential backoff and jitter."""
+) -> tuple[dict[str, Any], bool]:
+    """POST one batch, retrying transient failures with exponential backoff and jitter;
+    returns the service's answer and whether it was a replay (the key was taken)."""
     headers = {
         "Content-Type": "application/x-ndjson",
         "Content-Encoding": "gzip",
@@ -154,7 +143,8 @@ def _post(
             problem = f"{type(error).__name__}: {error}"
         else:
             if response.status_code < 300:
-                return response.json()
+                replayed = response.headers.get("idempotent-replayed", "") == "true"
+                return response.json(), replayed
             problem = f"HTTP {response.status_code}: {_message(response)}"
             if response.status_code not in RETRY_STATUSES:
                 raise SendError(problem)
@@ -174,6 +164,16 @@ def _message(response: httpx.Response) -> str:
         return response.text[:200]
 
 
+def batch_key(dataset: str, lines: Sequence[bytes], fresh: str = "") -> str:
+    """The idempotency key of a batch, from what it holds: the same records sent again
+    (the same file, copied or renamed) are recognised, whatever the path or --batch."""
+    digest = hashlib.sha256(f"{dataset}\x1f{fresh}\x1f".encode())
+    for line in lines:
+        digest.update(line)
+        digest.update(b"\n")
+    return digest.hexdigest()[:40]
+
+
 def send_file(
     path: str,
     dataset: str,
@@ -186,39 +186,49 @@ def send_file(
     timeout: float = 120.0,
     progress: bool = False,
 ) -> SendResult:
-    """Send every record of ``path`` to ``POST /v1/ingest/{dataset}``; the service's tally."""
-    stat = os.stat(path)
-    identity = f"{os.path.abspath(path)}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}\x1f{batch}"
-    if fresh:
-        identity += f"\x1f{uuid.uuid4()}"
-    key_base = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    """Send every record of ``path`` to ``POST /v1/ingest/{dataset}``; the service's tally.
+    Ctrl-C stops between batches: what was sent is landed, and said."""
+    salt = uuid.uuid4().hex if fresh else ""
     result = SendResult(path, dataset)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    bar = _Progress(os.path.basename(path), progress)
+    read = {"bytes": 0}
     started = time.monotonic()
+    measure = Measure(
+        os.path.basename(path),
+        done=("bytes",),
+        total=os.path.getsize(path),
+        unit="B",
+        shown={"records": "records sent"},
+    )
+    reporter = Reporter(measure, lambda: {**read, "records": result.sent}, every_s=5.0)
     try:
-        with httpx.Client(base_url=url, headers=headers, timeout=timeout) as client:
-            for index, (lines, numbers) in enumerate(batches(path, batch, result)):
+        with (
+            httpx.Client(base_url=url, headers=headers, timeout=timeout) as client,
+            reporter.running() if progress else contextlib.nullcontext(),
+        ):
+            for lines, numbers in batches(path, batch, result, lambda at: read.update(bytes=at)):
                 if rate:
                     wait = started + result.sent / rate - time.monotonic()
                     if wait > 0:
                         time.sleep(wait)
                 body = gzip.compress(b"\n".join(lines) + b"\n", compresslevel=1)
-                answer = _post(client, dataset, body, f"{key_base}-{index}", retries, result)
+                key = batch_key(dataset, lines, salt)
+                answer, replayed = _post(client, dataset, body, key, retries, result)
                 result.batches += 1
                 result.sent += len(lines)
                 result.accepted += answer["accepted"]
+                result.already += answer["accepted"] if replayed else 0
                 result.rejected += answer["rejected"]
                 if answer.get("file"):
                     result.files.append(answer["file"])
                 result.rejections += [
                     (numbers[r["line"] - 1], r["reason"]) for r in answer["rejections"]
                 ]
-                bar.update(len(lines))
     except SendError as error:
         result.error = str(error)
+    except KeyboardInterrupt:
+        result.interrupted = True
     finally:
-        bar.close()
         result.elapsed_s = time.monotonic() - started
     return result
 
@@ -241,6 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="new idempotency keys: send the file again"
     )
+    parser.add_argument("--quiet", action="store_true", help="no progress while sending")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -263,7 +274,9 @@ def main(args: argparse.Namespace) -> int:
         retries=args.retries,
         token=os.environ.get(TOKEN_ENV) or None,
         fresh=args.fresh,
-        progress=sys.stderr.isatty(),
+        progress=not args.quiet,
     )
     print(result.format())
+    if result.interrupted:
+        return EXIT_INTERRUPTED
     return 0 if result.complete else 1

@@ -5,36 +5,42 @@ lines go, in order, to one file in the landing zone (written under a temp name a
 renamed when complete); rejected lines are answered with their line number and reason
 and kept as dead letters (stage ``ingest``), so nothing sent is lost. An
 Idempotency-Key makes a retried request land nothing twice and get the same answer.
+A temp file whose request died with its process is removed when the service starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from connectors.files import decode_line
-from connectors.landing import DATASETS, LandingFile, new_file_name
-from transforms.parse import decode, detect
-from transforms.records import DeadLetter
 
-NDJSON_TYPES = frozenset(
-    {
-        "application/x-ndjson",
-        "application/ndjson",
-        "application/jsonl",
-        "application/x-jsonlines",
-        "application/jsonlines",
-        "application/json-lines",
-    }
+from connectors.files import decode_line
+from connectors.landing import DATASETS, LandingFile
+from transforms.clean import review_event_time
+from transforms.parse import decode, detect
+from transforms.records import REVIEW, DeadLetter
+
+NDJSON_TYPES = (  # the first is the one the API documents first
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/x-jsonlines",
+    "application/jsonlines",
+    "application/json-lines",
 )
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip"})
 INGEST_PIPELINE = "ingest"
 INGEST_STAGE = "ingest"
 MAX_LISTED_REJECTIONS = 10_000
 _OUT_CHUNK = 1 << 20
+# The compression ratio is only judged past this much output: small bodies of repeated
+# records compress well and are no threat.
+_RATIO_FLOOR = 1 << 20
+_LOG = logging.getLogger(__name__)
 
 
 class LimitExceeded(Exception):
@@ -47,10 +53,12 @@ class BadBody(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-request limits: decompressed body bytes, bytes per line."""
+    """Per-request limits: decompressed body bytes, bytes per line, and how much a gzip
+    body may expand (decompressed : compressed, judged past the first MiB)."""
 
     max_body_bytes: int = 64 << 20
     max_line_bytes: int = 1 << 20
+    max_gzip_ratio: int = 100
 
 
 @dataclasses.dataclass
@@ -60,19 +68,14 @@ class Rejection:
     raw: str
 
 
-def landing_name(dataset: str, key: Optional[str]) -> str:
-    """A unique landing file name (sorting by arrival), marked with the key's digest."""
-    if key is None:
-        return new_file_name()
-    digest = hashlib.sha256(f"{dataset}\x1f{key}".encode()).hexdigest()[:24]
-    return new_file_name(f"-key-{digest}.jsonl")
-
-
 class BodyReader:
     """Decompress (gzip, several members too) and split a streamed body into lines.
 
-    Output per call is bounded, so a small gzip bomb cannot blow up memory; the limits
-    count decompressed bytes. ``digest`` hashes the decompressed body.
+    Yields the non-blank lines with their numbers (blank ones are skipped, as the file
+    reader does, at a few operations each). Output per call is bounded, so a small gzip
+    bomb cannot blow up memory, and a body that expands more than ``max_gzip_ratio`` is
+    refused early, so it cannot cost seconds of CPU either; the limits count decompressed
+    bytes. ``digest`` hashes the decompressed body.
     """
 
     def __init__(self, gzipped: bool, limits: Limits):
@@ -80,6 +83,7 @@ class BodyReader:
         self._gzip = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzipped else None
         self._pending = b""
         self._hash = hashlib.sha256()
+        self._compressed = 0
         self.body_bytes = 0
         self.lines = 0
 
@@ -88,7 +92,7 @@ class BodyReader:
         return self._hash.hexdigest()
 
     def feed(self, chunk: bytes) -> Iterator[tuple[int, bytes]]:
-        """(line number, line) for every line completed by this chunk."""
+        """(line number, line) for every non-blank line completed by this chunk."""
         for data in self._decompress(chunk):
             yield from self._split(data)
 
@@ -100,13 +104,15 @@ class BodyReader:
                 raise BadBody("the gzip body ends before its end marker (truncated upload?)")
         if self._pending:
             self.lines += 1
-            yield self.lines, self._pending
+            if self._pending.strip():
+                yield self.lines, self._pending
             self._pending = b""
 
     def _decompress(self, chunk: bytes) -> Iterator[bytes]:
         if self._gzip is None:
             yield chunk
             return
+        self._compressed += len(chunk)
         data = chunk
         while data:
             try:
@@ -115,6 +121,7 @@ class BodyReader:
                 raise BadBody(f"the body is not valid gzip ({error})") from None
             data = self._gzip.unconsumed_tail
             if out:
+                self._check_ratio(self.body_bytes + len(out), self._compressed - len(data))
                 yield out
             if self._gzip.eof:
                 rest = self._gzip.unused_data
@@ -136,11 +143,22 @@ class BodyReader:
         self._hash.update(data)
         lines = (self._pending + data).split(b"\n")
         self._pending = lines.pop()
+        limit = self._limits.max_line_bytes
         for line in lines:
             self.lines += 1
-            self._check_length(self.lines, line)
-            yield self.lines, line
+            if len(line) > limit:
+                self._check_length(self.lines, line)
+            if line.strip():
+                yield self.lines, line
         self._check_length(self.lines + 1, self._pending)
+
+    def _check_ratio(self, decompressed: int, compressed: int) -> None:
+        ratio = self._limits.max_gzip_ratio
+        if decompressed > _RATIO_FLOOR and decompressed > ratio * max(compressed, 1):
+            raise LimitExceeded(
+                f"the gzip body expands more than {ratio}:1 (a compression bomb?);"
+                " send such data in smaller or uncompressed batches"
+            )
 
     def _check_length(self, number: int, line: bytes) -> None:
         if len(line) > self._limits.max_line_bytes:
@@ -175,8 +193,6 @@ class NdjsonIngest:
 
     def _take(self, number: int, line: bytes) -> None:
         line = line.rstrip(b"\r")
-        if not line.strip():
-            return  # blank lines are skipped, as the file reader does
         text = decode_line(line)
         if type(text) is not str:  # its dead letter keeps the bytes, as the reader's does
             self.rejections.append(Rejection(number, str(text), text.raw))
@@ -189,10 +205,14 @@ class NdjsonIngest:
             self.rejections.append(Rejection(number, reason, text))
 
     def _why_not(self, text: str) -> Optional[str]:
-        """None when the line is a record of this dataset; else the reason it is not."""
+        """None when the line is a record of this dataset; else the reason it is not (a
+        review must also carry a plausible time: the stream windows by it)."""
         try:
-            kind, generation = detect(decode(text))
-        except Exception as error:  # noqa: BLE001 - ParseError and the odd decoder error
+            fields = decode(text)
+            kind, generation = detect(fields)
+            if kind == REVIEW == self.kind:
+                review_event_time(fields, generation)
+        except Exception as error:  # noqa: BLE001 - ParseError, CleanError, the odd decoder error
             return str(error) if isinstance(error, ValueError) else repr(error)
         if kind != self.kind:
             other = next(d for d, k in DATASETS.items() if k == kind)
@@ -211,6 +231,7 @@ class NdjsonIngest:
         return self.landing.name
 
     def abort(self) -> None:
+        """Remove the temp file (a committed file stays)."""
         self.landing.abort()
 
     def answer(self, file: Optional[str], key: Optional[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import decimal
 import glob
 import os
 import re
@@ -22,9 +23,22 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import psycopg
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    create_model,
+    with_config,
+)
+from typing_extensions import TypedDict
 
 from connectors import datalake
 from pipelines import cli
@@ -85,7 +99,12 @@ class Job:
 
 
 def resolve_inputs(patterns: Sequence[str], roots: Sequence[Path]) -> list[str]:
-    """Files the patterns match, each inside an input root (symlinks resolved); else JobError."""
+    """Files the patterns match inside the input roots (symlinks resolved); else JobError.
+
+    A pattern that names something outside the roots gets the same answer as one that
+    matches nothing, so that an answer never tells which files exist elsewhere, and
+    nothing outside the roots is even listed.
+    """
     if not roots:
         raise JobError(403, "no_input_roots", "this service has no input roots (--input-root)")
     resolved_roots = [root.resolve() for root in roots]
@@ -93,32 +112,33 @@ def resolve_inputs(patterns: Sequence[str], roots: Sequence[Path]) -> list[str]:
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern or "\x00" in pattern:
             raise JobError(422, "bad_input", f"input must be a path or glob, not {pattern!r}")
-        if "://" in pattern:
-            raise JobError(
-                403, "input_outside_roots", f"{pattern!r}: only local files may be named"
-            )
-        full = pattern if os.path.isabs(pattern) else str(resolved_roots[0] / pattern)
-        literal = Path(os.path.realpath(re.split(r"[*?\[]", full, maxsplit=1)[0] or "/"))
-        if not any(_inside(literal, r) or _inside(r, literal) for r in resolved_roots):
-            raise JobError(
-                403,
-                "input_outside_roots",
-                f"{pattern!r} is outside the input roots ({', '.join(map(str, resolved_roots))})",
-            )
-        matched = sorted(glob.glob(full))
+        matched = _matches(pattern, resolved_roots)
         if not matched:
-            raise JobError(422, "no_input", f"no file matches {pattern!r}")
-        for path in matched:
-            real = Path(os.path.realpath(path))
-            if not any(_inside(real, root) for root in resolved_roots):
-                raise JobError(
-                    403, "input_outside_roots", f"{path!r} resolves outside the input roots"
-                )
-            if real.is_file():
-                files[str(real)] = None
-    if not files:
-        raise JobError(422, "no_input", "the inputs match no file")
+            raise JobError(
+                422, "no_input", f"input {pattern!r} matches no file under the input roots"
+            )
+        files.update(dict.fromkeys(matched))
     return list(files)
+
+
+def _matches(pattern: str, roots: Sequence[Path]) -> list[str]:
+    """The regular files ``pattern`` matches inside ``roots``; relative patterns are read
+    from the first root."""
+    if "://" in pattern:
+        return []
+    full = pattern if os.path.isabs(pattern) else str(roots[0] / pattern)
+    try:
+        literal = Path(os.path.realpath(re.split(r"[*?\[]", full, maxsplit=1)[0] or "/"))
+        if not any(_inside(literal, root) for root in roots):
+            return []
+        found = []
+        for path in sorted(glob.glob(full)):
+            real = Path(os.path.realpath(path))
+            if real.is_file() and any(_inside(real, root) for root in roots):
+                found.append(str(real))
+        return found
+    except (OSError, ValueError):  # a name the file system cannot hold matches no file
+        return []
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -136,11 +156,118 @@ def option_arguments(
 ) -> list[str]:
     """``--name=value`` flags for options a caller sent; a name not allowed, or a value of
     the wrong type or range, is a JobError (422). ``model`` must be one the service offers."""
+    plain = {name: _plain_number(value) for name, value in options.items()}
     try:
-        return options_module.api_argv(allowed_options(pipeline), options, {"model": models})
+        return options_module.api_argv(allowed_options(pipeline), plain, {"model": models})
     except UsageError as error:
         code = "option_not_allowed" if "not allowed" in str(error) else "bad_option"
         raise JobError(422, code, f"{error} (pipeline {pipeline!r})") from None
+
+
+def _plain_number(value: Any) -> Any:
+    """A float as a plain decimal (``1e-07`` -> ``0.0000001``), as the flags' types read it."""
+    if isinstance(value, float):
+        return format(decimal.Decimal(repr(value)), "f")
+    return value
+
+
+# --- the request body, as the OpenAPI schema describes it ------------------------------
+
+# A path or glob: relative ones are read from the first input root.
+InputPattern = Annotated[
+    str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")
+]
+# Inputs per pipeline: (at least, at most) files or globs.
+_INPUTS = {"stream": (0, 1), "emotions": (0, 0)}
+_MAX_INPUTS = 256
+# A duration as ``pipelines.options.duration`` reads it, without the spaces it tolerates.
+_DURATION = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)[smhd]?$"
+# What an option means over the API, where its command-line help says more.
+_API_HELP = {
+    "model": "one of the emotion models this service offers",
+    "direct_num_workers": "Beam workers on the direct runner",
+}
+_EXAMPLES = {
+    "reviews": {"input": ["*.jsonl"], "options": {"batch_size": 5000}},
+    "products": {"input": ["*.jsonl"], "options": {"max_bad_fraction": 0.1}},
+    "emotions": {"options": {"limit": 1000}},
+    "stream": {"options": {"stop_after_idle": "30s"}},
+}
+
+
+def request_model(pipelines: Sequence[str], models: Sequence[str]) -> Any:
+    """The body of ``POST /v1/jobs``: one model per pipeline (chosen by ``pipeline``), with
+    the inputs it takes and the options it allows, each with its type and range, so that
+    what the OpenAPI schema accepts is what a job accepts."""
+    variants = tuple(_job_model(name, models) for name in pipelines)
+    if len(variants) == 1:
+        return variants[0]
+    return Annotated[Union[variants], Field(discriminator="pipeline")]
+
+
+def _job_model(pipeline: str, models: Sequence[str]) -> type[BaseModel]:
+    title = pipeline.title()
+    fields = {
+        name: Annotated[
+            _option_type(action, models), Field(description=_API_HELP.get(name, action.help))
+        ]
+        for name, action in sorted(allowed_options(pipeline).items())
+    }
+    options = with_config(ConfigDict(extra="forbid", title=f"{title}Options"))(
+        TypedDict(f"{title}Options", fields, total=False)
+    )
+    needs_input = pipeline in cli.NEEDS_INPUT
+    least, most = (1, _MAX_INPUTS) if needs_input else _INPUTS[pipeline]
+    return create_model(
+        f"{title}Job",
+        __config__=ConfigDict(
+            extra="forbid",
+            json_schema_extra={"examples": [{"pipeline": pipeline, **_EXAMPLES[pipeline]}]},
+        ),
+        __doc__=f"Run the {pipeline} pipeline: {cli.PIPELINES[pipeline]().DESCRIPTION}",
+        pipeline=(Literal[pipeline], ...),
+        input=(
+            list[InputPattern],
+            Field(
+                ... if needs_input else [],
+                min_length=least,
+                max_length=most,
+                description="files or globs under the service's input roots",
+            ),
+        ),
+        options=(options, Field(default_factory=dict)),
+    )
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integers include ``5.0``; ``"5"``, ``true`` and ``5.5`` stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _option_type(action: argparse.Action, models: Sequence[str]) -> Any:
+    """The JSON type of an option: its argparse type, choices and range, as pydantic
+    validates them (strictly: ``"5"`` is not a number)."""
+    kind = action.type
+    if action.nargs == 0:
+        return StrictBool
+    if action.dest == "model":
+        return Literal[tuple(models)]
+    if action.choices:
+        return Literal[tuple(action.choices)]
+    if isinstance(kind, options_module.WholeNumber):
+        return Annotated[
+            StrictInt,
+            Field(ge=kind.minimum, le=kind.maximum),
+            BeforeValidator(_json_integer),
+        ]
+    number = {"strict": True, "allow_inf_nan": False}
+    if isinstance(kind, options_module.Number):
+        low = {"gt" if kind.exclusive else "ge": kind.minimum}
+        return Annotated[float, Field(**low, le=kind.maximum, **number)]
+    if isinstance(kind, options_module.Duration):
+        seconds = Annotated[float, Field(ge=0, **number)]
+        return Union[seconds, Annotated[StrictStr, StringConstraints(pattern=_DURATION)]]
+    raise TypeError(f"option --{action.dest}: no JSON type for {kind!r}; add one here")
 
 
 class JobManager:
