@@ -73,16 +73,28 @@ class Datalake:
         return table.reindex(columns=["reviews", "products"], fill_value=0)
 
     def pipeline_runs(self, limit: int = 20) -> pd.DataFrame:
-        """The latest runs: pipeline, runner, state, duration and the main counters (a run
-        whose process died is marked ABANDONED first)."""
+        """The latest runs: pipeline, runner, state, duration, the main counters and speed
+        (a run whose process died is marked ABANDONED first).
+
+        ``records`` counts as the run's own summary does (lines read, or rows and dead
+        letters where the runner reported no metrics); ``records_per_s`` is that over
+        ``seconds``, empty while a run has no end or no counters.
+        """
         with datalake.connect(self.dsn, autocommit=True) as conn:
             datalake.mark_abandoned(conn)
         return self.query(
-            "SELECT pipeline, runner, state, started_at,"
-            " extract(epoch FROM finished_at - started_at) AS seconds,"
+            "WITH latest AS (SELECT pipeline, runner, state, started_at, run_id::text,"
+            " extract(epoch FROM finished_at - started_at)::float8 AS seconds,"
             " (counters->>'records_read')::bigint AS records_read,"
-            " (counters->>'dead_letters_upserted')::bigint AS dead_letters"
-            " FROM pipeline_runs ORDER BY started_at DESC LIMIT %s",
+            " (counters->>'read_dead_letters')::bigint AS read_dead_letters,"
+            " (counters->>'dead_letters_upserted')::bigint AS dead_letters,"
+            " (SELECT sum(value::bigint) FROM jsonb_each_text(counters) WHERE"
+            "  right(key, 9) = '_upserted' AND key <> 'dead_letters_upserted')::bigint AS rows"
+            " FROM pipeline_runs ORDER BY started_at DESC LIMIT %s)"
+            " SELECT pipeline, runner, state, started_at, seconds, records_read, dead_letters,"
+            " rows, records, records / nullif(seconds, 0) AS records_per_s, run_id"
+            " FROM latest, LATERAL (SELECT coalesce(records_read + coalesce(read_dead_letters, 0),"
+            " rows + coalesce(dead_letters, 0)) AS records) counted ORDER BY started_at DESC",
             (limit,),
         )
 
@@ -112,13 +124,19 @@ class Datalake:
 
     def reviews_over_time(self, period: str = "month") -> pd.DataFrame:
         """Reviews per period (``month``, ``quarter``, ``year``...) and generation."""
+        return self._reviews_per_period(period, "source_format", "generation")
+
+    def ratings_over_time(self, period: str = "year") -> pd.DataFrame:
+        """Reviews per period (rows) and star rating (columns)."""
+        return self._reviews_per_period(period, "rating", "rating")
+
+    def ratings_by_category(self, n: int = 8) -> pd.DataFrame:
+        """Reviews per main category (the ``n`` with most reviews) and star rating."""
         frame = self.query(
-            sql.SQL(
-                "SELECT date_trunc({}, reviewed_at AT TIME ZONE 'UTC') AS period,"
-                " source_format AS generation, count(*) AS n FROM reviews GROUP BY 1, 2"
-            ).format(sql.Literal(_period(period)))
+            "SELECT COALESCE(p.main_category, '(unknown)') AS category, r.rating, count(*) AS n"
+            f" FROM reviews r {_PRODUCT_JOIN} GROUP BY 1, 2"
         )
-        return _continuous(_pivot(frame, "period", "generation", "n"), period)
+        return _largest_rows(_pivot(frame, "category", "rating", "n"), n)
 
     def top_categories(self, n: int = 10) -> pd.DataFrame:
         """Main categories with the most reviews: reviews, products, mean rating."""
@@ -181,6 +199,16 @@ class Datalake:
             (file_name, "%/" + file_name),
         )
         return int(frame.at[0, "n"])
+
+    def _reviews_per_period(self, period: str, column: str, name: str) -> pd.DataFrame:
+        """Reviews per period (rows, every one from first to last) and ``column`` value."""
+        frame = self.query(
+            sql.SQL(
+                "SELECT date_trunc({}, reviewed_at AT TIME ZONE 'UTC') AS period,"
+                " {} AS {}, count(*) AS n FROM reviews GROUP BY 1, 2"
+            ).format(sql.Literal(_period(period)), sql.Identifier(column), sql.Identifier(name))
+        )
+        return _continuous(_pivot(frame, "period", name, "n"), period)
 
     # --- emotions --------------------------------------------------------------------
 
@@ -248,9 +276,7 @@ class Datalake:
             (model,),
         )
         table = _pivot(frame, "category", "label", "n")
-        table = table.reindex(columns=_labels(table.columns), fill_value=0)
-        order = table.sum(axis=1).sort_values(ascending=False, kind="stable")
-        return table.loc[order.index[:n]]
+        return _largest_rows(table.reindex(columns=_labels(table.columns), fill_value=0), n)
 
     def emotion_confidence(self, model: str, bins: int = 10) -> pd.DataFrame:
         """Reviews per top-label score bin (rows: the bin's lower edge) and top emotion."""
@@ -308,6 +334,14 @@ def count_reasons(dead_letters: pd.DataFrame, weight: Optional[str] = None) -> p
     )
 
 
+def reason_examples(dead_letters: pd.DataFrame, per_reason: int = 1) -> pd.DataFrame:
+    """The first ``per_reason`` dead letters of each pipeline, stage and reason (e.g. of the
+    latest, from ``Datalake.dead_letters``), with their ``reason``: one example per kind."""
+    frame = dead_letters.assign(reason=dead_letters["error"].map(reason))
+    kinds = frame.groupby(["pipeline", "stage", "reason"], sort=False)
+    return kinds.head(per_reason).reset_index(drop=True)
+
+
 def to_datetimes(values: Iterable[Any]) -> pd.Series:
     """Beam ``Timestamp`` values (as ``ib.collect`` returns them) -> UTC pandas datetimes."""
     micros = [None if v is None else getattr(v, "micros", v) for v in values]
@@ -356,9 +390,22 @@ def _pivot(frame: pd.DataFrame, index: str, columns: str, values: str) -> pd.Dat
     table = frame.pivot_table(index=index, columns=columns, values=values, aggfunc="sum")
     table = table.fillna(0).astype(int).sort_index()
     table.columns.name = columns
-    if table.index.dtype.kind == "f" and all(float(v).is_integer() for v in table.index):
-        table.index = table.index.astype(int)  # star ratings: 1..5, not 1.0..5.0
+    table.index = _whole_numbers(table.index)  # star ratings: 1..5, not 1.0..5.0
+    table.columns = _whole_numbers(table.columns)
     return table
+
+
+def _whole_numbers(labels: pd.Index) -> pd.Index:
+    """Float labels that are all whole numbers as integers; any other labels as they are."""
+    if labels.dtype.kind == "f" and all(float(v).is_integer() for v in labels):
+        return labels.astype(int)
+    return labels
+
+
+def _largest_rows(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` rows with the largest totals, largest first (ties keep their order)."""
+    order = table.sum(axis=1).sort_values(ascending=False, kind="stable")
+    return table.loc[order.index[:n]]
 
 
 _PANDAS_FREQ = {"day": "D", "week": "W-MON", "month": "MS", "quarter": "QS", "year": "YS"}

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
 from connectors import datalake
+from pipelines import interrupts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -72,7 +74,8 @@ def command(
 
 
 def main(args: argparse.Namespace) -> int:
-    """Resolve and migrate the datalake, then replace this process with JupyterLab."""
+    """Resolve and migrate the datalake, then run JupyterLab until it stops; the first
+    Ctrl-C shuts it down gracefully (its kernels too) and exits 130."""
     if importlib.util.find_spec("jupyterlab") is None:
         from pipelines.options import UsageError
 
@@ -83,6 +86,17 @@ def main(args: argparse.Namespace) -> int:
     print(f"datalake: {datalake.redact(dsn)}", flush=True)
     folder = notebook_dir(args)
     print(f"JupyterLab: {folder} on {args.ip}:{args.port}", flush=True)
-    os.chdir(folder)  # kernels and terminals start beside the notebooks
-    os.execve(argv[0], argv, env)
-    return 0  # not reached: exec replaces the process
+    # Its own session: a Ctrl-C reaches this process only, which asks JupyterLab to stop
+    # (SIGTERM: it shuts its kernels down) instead of JupyterLab's "are you sure" prompt.
+    # Kernels and terminals start beside the notebooks.
+    jupyter = subprocess.Popen(argv, env=env, cwd=folder, start_new_session=True)
+    try:
+        with interrupts.on_interrupt(jupyter.terminate):
+            code = jupyter.wait()
+    finally:
+        if jupyter.poll() is None:
+            jupyter.kill()
+    if interrupts.requested():
+        print("interrupted: JupyterLab stopped (saved notebooks are kept)", flush=True)
+        return interrupts.EXIT_INTERRUPTED
+    return code

@@ -8,7 +8,6 @@ timestamped with the review time, advancing the watermark; the zone's ledger
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional, Union
@@ -26,6 +25,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from connectors import datalake
 from connectors.landing import LandedFile, Ledger, list_landed
+from connectors.stopping import stop_requested
 from connectors.files import read_lines
 from transforms.clean import review_event_time
 from transforms.parse import decode, detect
@@ -179,13 +179,13 @@ class FollowLandingFn(beam.DoFn):
         poll_interval: float = 1.0,
         stop_after: Optional[float] = None,
         stop_after_idle: Optional[float] = None,
-        drain_file: Optional[str] = None,
+        stop_file: Optional[str] = None,
         stale_after: float = 300.0,
         max_files_per_poll: int = 256,
         max_bytes_per_poll: int = 256 << 20,
     ):
         self._dsn = dsn
-        self._drain_file = drain_file
+        self._stop_file = stop_file
         self._run_id = run_id
         self._pipeline_name = pipeline_name
         self._poll_interval = poll_interval
@@ -218,7 +218,8 @@ class FollowLandingFn(beam.DoFn):
         watermark=beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider()),
     ) -> Iterator[Any]:
         restriction = tracker.current_restriction()
-        if time.time() >= self._deadline(restriction) or draining(self._drain_file):
+        if time.time() >= self._deadline(restriction) or stop_requested(self._stop_file):
+            self._ledger(watch.dataset).flush_idle()
             tracker.try_claim(_END)
         else:
             yield from self._follow(watch, restriction, tracker, watermark)
@@ -243,7 +244,7 @@ class FollowLandingFn(beam.DoFn):
         if not tracker.try_claim(poll):
             return  # checkpointed meanwhile: the residual claims these files again
         if not claimed:
-            self._idle(tracker.current_restriction())
+            ledger.idled(self._idle(tracker.current_restriction()))
         for claim in claimed:
             self._claimed.inc()
             if claim.replaces_run is not None:
@@ -263,10 +264,12 @@ class FollowLandingFn(beam.DoFn):
             deadlines.append(restriction.last_new + self._stop_after_idle)
         return min(deadlines)
 
-    def _idle(self, restriction: LandingRestriction) -> None:
+    def _idle(self, restriction: LandingRestriction) -> float:
+        """Wait before the next poll (at most the poll interval); how long it waited."""
         pause = min(self._poll_interval, self._deadline(restriction) - time.time())
         if pause > 0:
             time.sleep(pause)
+        return max(pause, 0.0)
 
     # -- emitting a file
 
@@ -293,11 +296,6 @@ class FollowLandingFn(beam.DoFn):
             )
 
 
-def draining(drain_file: Optional[str]) -> bool:
-    """Whether the launcher asked the source to stop (and the pipeline to drain)."""
-    return drain_file is not None and os.path.exists(drain_file)
-
-
 def advance_watermark(watermark, oldest: Timestamp) -> None:
     """Move the watermark up to ``oldest`` (never back, never past the wall clock)."""
     target = min(oldest, Timestamp.now())
@@ -312,7 +310,7 @@ class FollowLanding(beam.PTransform):
     Returns a tagged result: ``.records`` (RawRecord, event-timestamped) and
     ``.dead_letters``; the sinks given a ``Ledger`` mark its files done. Stops ``stop_after`` seconds after its
     first poll, after ``stop_after_idle`` seconds without a new file, or once
-    ``drain_file`` exists, if given; else it follows forever.
+    its run's stop file exists (``connectors.stopping``); else it follows forever.
     """
 
     def __init__(
@@ -325,13 +323,13 @@ class FollowLanding(beam.PTransform):
         poll_interval: float = 1.0,
         stop_after: Optional[float] = None,
         stop_after_idle: Optional[float] = None,
-        drain_file: Optional[str] = None,
+        stop_file: Optional[str] = None,
     ):
         super().__init__()
         self._directory = str(directory)
         self._dataset = dataset
         self._fn = FollowLandingFn(
-            dsn, run_id, pipeline_name, poll_interval, stop_after, stop_after_idle, drain_file
+            dsn, run_id, pipeline_name, poll_interval, stop_after, stop_after_idle, stop_file
         )
 
     def expand(self, pbegin):

@@ -17,7 +17,8 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Timestamp
 
 from connectors import datalake
-from connectors.landing_source import advance_watermark, draining, timestamped
+from connectors.landing_source import advance_watermark, timestamped
+from connectors.stopping import stop_requested
 from connectors.files import NoInputError, read_lines
 from transforms.records import DEAD_LETTERS, METRICS_NAMESPACE
 
@@ -82,14 +83,14 @@ class ReplayFileFn(beam.DoFn):
         pipeline_name: str,
         rate: Optional[float] = None,
         stop_after: Optional[float] = None,
-        drain_file: Optional[str] = None,
+        stop_file: Optional[str] = None,
         chunk_s: float = 0.5,
         run: Optional[tuple[str, str]] = None,
     ):
         self._pipeline_name = pipeline_name
         self._rate = rate
         self._stop_after = stop_after
-        self._drain_file = drain_file
+        self._stop_file = stop_file
         self._chunk_s = chunk_s
         self._run = run
         self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
@@ -141,7 +142,7 @@ class ReplayFileFn(beam.DoFn):
         restriction = tracker.current_restriction()
         cursor = self._cursor(replay.path, restriction.start)
         stop = self._stop_after is not None and time.time() >= replay.started + self._stop_after
-        if stop or draining(self._drain_file):
+        if stop or stop_requested(self._stop_file):
             cursor.items.close()  # counts what was read, in this step
             tracker.try_claim(restriction.stop)
         else:
@@ -191,14 +192,14 @@ class ReplayFile(beam.PTransform):
         rate: Optional[float] = None,
         pipeline_name: str = "stream",
         stop_after: Optional[float] = None,
-        drain_file: Optional[str] = None,
+        stop_file: Optional[str] = None,
         run: Optional[tuple[str, str]] = None,
     ):
         super().__init__()
         if not os.path.isfile(path):
             raise NoInputError(f"no file to replay at {path!r}: check the path")
         self._path = os.path.abspath(path)
-        self._fn = ReplayFileFn(pipeline_name, rate, stop_after, drain_file, run=run)
+        self._fn = ReplayFileFn(pipeline_name, rate, stop_after, stop_file, run=run)
 
     def expand(self, pbegin):
         path = self._path

@@ -287,6 +287,7 @@ class Target:
     batch_size: int = DEFAULT_BATCH_SIZE
     lanes: int = DEFAULT_WRITE_LANES
     retry_s: float = DEFAULT_RETRY_S
+    stop_file: Optional[str] = None  # where the run's sources look for a stop request
 
 
 @dataclasses.dataclass

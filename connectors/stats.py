@@ -4,8 +4,8 @@ One code path on every runner: every batch of reviews (or of their emotions) tha
 commits queues the (product, window) pairs it touched, in its own transaction; at most
 every ``every_s`` seconds the stream refreshes the queued windows by recomputing them
 from the datalake. A recompute, not an increment, so a replayed file, a restart or a
-review sent twice never double-counts. A window's row is marked ``final`` once the
-run's watermark has passed its end; until then it is a partial result. A review later
+review sent twice never double-counts. A window's row is marked ``final`` once a
+run's watermark has passed its end (and stays so); until then it is a partial result. A review later
 than ``allowed lateness`` after its window closed is kept in ``reviews`` but no longer
 changes the window's row.
 """
@@ -66,9 +66,11 @@ SELECT c.asin, c.window_start, c.window_end, c.reviews, c.mean_rating, l.emotion
 FROM counted c LEFT JOIN labelled l USING (asin, window_start)
 ON CONFLICT (asin, window_start, window_end) DO UPDATE
 SET reviews = EXCLUDED.reviews, mean_rating = EXCLUDED.mean_rating,
-    emotions = EXCLUDED.emotions, final = EXCLUDED.final, updated_at = EXCLUDED.updated_at
+    emotions = EXCLUDED.emotions, final = s.final OR EXCLUDED.final,
+    updated_at = EXCLUDED.updated_at
 WHERE (s.reviews, s.mean_rating, s.emotions, s.final)
-      IS DISTINCT FROM (EXCLUDED.reviews, EXCLUDED.mean_rating, EXCLUDED.emotions, EXCLUDED.final)
+      IS DISTINCT FROM (EXCLUDED.reviews, EXCLUDED.mean_rating, EXCLUDED.emotions,
+                        s.final OR EXCLUDED.final)
 """
 
 _FINALISE_SQL = """

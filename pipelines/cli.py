@@ -26,9 +26,27 @@ class _QuietOptionalCloudImports(logging.Filter):
         )
 
 
+class _QuietExpectedStops(logging.Filter):
+    """Beam logs every exception a DoFn raises, with its traceback, before the run fails;
+    a run that stops on purpose (wrong input, the datalake gone for good) says why in one
+    line of its own instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        while error is not None:
+            if type(error).__name__ in EXPECTED_STOPS:
+                return False
+            error = error.__cause__ or error.__context__
+        return True
+
+
+# Exceptions a run raises on purpose: the run fails with their message as its one line.
+EXPECTED_STOPS = frozenset({"WrongInput", "DatalakeLost"})
+
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 for _handler in logging.getLogger().handlers:
     _handler.addFilter(_QuietOptionalCloudImports())
+    _handler.addFilter(_QuietExpectedStops())
 
 # After the filter: importing Beam logs.
 from connectors import datalake  # noqa: E402
@@ -72,6 +90,12 @@ TOOLS: dict[str, tuple[str, str, Optional[str]]] = {
         "server.client",
         "serve",
     ),
+    "report": (
+        "write one self-contained HTML page of the datalake: rows, runs, dead letters, ratings,"
+        " emotions",
+        "analysis.report",
+        "notebooks",
+    ),
     "train-emotions": (
         "retrain the default emotion model on GoEmotions (--data DIR)",
         "training.emotions",
@@ -114,7 +138,7 @@ def is_expected(error: BaseException) -> bool:
 DEFAULT_BEAM_ARGS = ("--runner", "FnApiRunner")
 # Emotion inference releases the GIL: two single-threaded workers sharing one model
 # measured fastest on 2 cores (bench/emotion_speed.py); 0 means one per core.
-EMOTION_WORKERS = ("--direct_num_workers", "0")
+EMOTION_WORKERS = ("--direct_num_workers", "0", "--direct_running_mode", "multi_threading")
 
 
 def names() -> list[str]:
@@ -127,7 +151,7 @@ def with_default_runner(argv: Sequence[str], emotions: bool = False) -> list[str
     argv = list(argv)
     if not any(a == "--runner" or a.startswith("--runner=") for a in argv):
         argv = list(DEFAULT_BEAM_ARGS) + argv
-    if emotions and not any(a.startswith("--direct_num_workers") for a in argv):
+    if emotions and not any(a.startswith("--direct_") for a in argv):
         argv = list(EMOTION_WORKERS) + argv
     return argv
 
@@ -265,9 +289,10 @@ def interrupted_line(result: RunResult) -> str:
     """The one line an interrupted run ends with: how far it got, and that it is kept."""
     done = result.upserted + result.dead_letters
     what = {"review_emotions": "reviews"}.get(result.table or "", "records")
+    of = f" of {result.planned:,}" if result.planned is not None else ""
     return (
-        f"interrupted after {done:,} {what} (all committed; run {result.run_id} CANCELLED);"
-        " rerun to continue"
+        f"interrupted after {done:,}{of} {what} (all committed; run {result.run_id[:8]}"
+        " CANCELLED); rerun to continue"
     )
 
 

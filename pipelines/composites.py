@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from connectors import models
+from connectors.files import ReadDataset
 from connectors.sink import (
     REVIEW_EMOTIONS,
     CommitHook,
@@ -23,7 +24,8 @@ from connectors.sink import (
     WriteDeadLetters,
     WriteRows,
 )
-from pipelines.options import EmotionOptions
+from pipelines.options import EmotionOptions, IngestOptions
+from pipelines.progress import Measure
 from transforms.clean import CleanRecords
 from transforms.parse import ParseRecords
 
@@ -37,15 +39,24 @@ class ReadParseClean(beam.PTransform):
     ``.dead_letters``: ``ReadDataset``, ``FollowLanding``, ``ReplayFile``.
     """
 
-    def __init__(self, source: beam.PTransform, kind: str, pipeline_name: str):
+    def __init__(
+        self,
+        source: beam.PTransform,
+        kind: str,
+        pipeline_name: str,
+        max_bad_fraction: Optional[float] = None,
+    ):
         super().__init__()
         self._source = source
         self._kind = kind
         self._pipeline_name = pipeline_name
+        self._max_bad_fraction = max_bad_fraction
 
     def expand(self, pbegin):
         read = pbegin | "Read" >> self._source
-        parsed = read.records | "Parse" >> ParseRecords(self._kind, self._pipeline_name)
+        parsed = read.records | "Parse" >> ParseRecords(
+            self._kind, self._pipeline_name, self._max_bad_fraction
+        )
         cleaned = parsed.records | "Clean" >> CleanRecords(self._kind, self._pipeline_name)
         return {
             RECORDS: cleaned.records,
@@ -78,11 +89,44 @@ class WriteDatalake(beam.PTransform):
             )
 
 
+def ingest_files(
+    pipeline: beam.Pipeline,
+    options: PipelineOptions,
+    target: Target,
+    kind: str,
+    spec: TableSpec,
+) -> tuple[dict[str, beam.PCollection], Measure]:
+    """The bounded ingest: ``ReadDataset | ReadParseClean | WriteDatalake(spec)`` over the
+    run's ``--input``; returns the cleaned rows (for what more a pipeline does with them)
+    and the run's progress measure: bytes of its files read, and the bar it must clear."""
+    ingest = options.view_as(IngestOptions)
+    source = ReadDataset(
+        ingest.input or [], target.pipeline, (target.dsn, target.run_id), target.stop_file
+    )
+    bar = ingest.max_bad_fraction
+    rows = pipeline | "ReadParseClean" >> ReadParseClean(source, kind, target.pipeline, bar)
+    _ = rows | "WriteDatalake" >> WriteDatalake(spec, target)
+    files = len(source.files)
+    measure = Measure(
+        f"{spec.table}: {files} file{'s' if files > 1 else ''}",
+        done=("bytes_read",),
+        total=source.total_bytes,
+        unit="B",
+        shown={f"{spec.table}_upserted": "rows", "dead_letters_upserted": "dead letters"},
+        max_bad_fraction=bar,
+    )
+    return rows, measure
+
+
 def classify_emotions(
-    reviews: beam.PCollection, options: PipelineOptions, pipeline_name: str
+    reviews: beam.PCollection,
+    options: PipelineOptions,
+    pipeline_name: str,
+    reshuffle: bool = True,
 ) -> dict[str, beam.PCollection]:
     """Reviews -> ``{"records": EmotionResult, "emotion": dead letters}`` for
-    ``WriteDatalake(REVIEW_EMOTIONS, ...)`` (torch loads only when emotions run)."""
+    ``WriteDatalake(REVIEW_EMOTIONS, ...)`` (torch loads only when emotions run).
+    ``reshuffle``: spread inference over workers (not needed when the source is spread)."""
     from transforms.emotion import ClassifyEmotions
 
     emotion = options.view_as(EmotionOptions)
@@ -94,6 +138,7 @@ def classify_emotions(
         torch_threads=emotion.torch_threads,
         dtype=emotion.dtype,
         pipeline_name=pipeline_name,
+        reshuffle=reshuffle,
     )
     return {RECORDS: result.emotions, "emotion": result.dead_letters}
 
@@ -103,8 +148,8 @@ def write_emotions(
     options: PipelineOptions,
     target: Target,
     hooks: Sequence[CommitHook] = (),
-    label: Optional[str] = None,
+    reshuffle: bool = True,
 ) -> None:
     """Reviews -> their emotions classified and written to ``review_emotions``."""
-    emotions = classify_emotions(reviews, options, target.pipeline)
-    _ = emotions | (label or "WriteEmotions") >> WriteDatalake(REVIEW_EMOTIONS, target, hooks)
+    emotions = classify_emotions(reviews, options, target.pipeline, reshuffle)
+    _ = emotions | "WriteEmotions" >> WriteDatalake(REVIEW_EMOTIONS, target, hooks)

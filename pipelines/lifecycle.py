@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import re
 import threading
 import time
 import uuid
@@ -29,17 +30,18 @@ from apache_beam.options.pipeline_options import (
 )
 from apache_beam.runners.runner import PipelineState
 
-from connectors import datalake
+from connectors import datalake, stopping
 from connectors.sink import Target
-from pipelines import interrupts
+from pipelines import interrupts, progress
 from pipelines import options as option_parsing
 from pipelines.options import DatalakeOptions
+from pipelines.progress import Measure
 from transforms.records import METRICS_NAMESPACE
 
 _LOG = logging.getLogger(__name__)
 
-# One builder per pipeline: (pipeline, options, target) -> None.
-Builder = Callable[[beam.Pipeline, PipelineOptions, Target], None]
+# One builder per pipeline: (pipeline, options, target) -> what its progress counts.
+Builder = Callable[[beam.Pipeline, PipelineOptions, Target], Optional[Measure]]
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class RunResult:
     elapsed_s: float
     table: Optional[str] = None
     notes: list[str] = dataclasses.field(default_factory=list)  # more lines for the summary
+    planned: Optional[int] = None  # records the run set out to do, where known up front
 
     @property
     def upserted(self) -> int:
@@ -76,11 +79,15 @@ class RunResult:
         return self.upserted + self.dead_letters
 
     def format(self) -> str:
-        """A few lines for the terminal: counts, speed, runner, and where to look."""
-        rate = self.records / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """A few lines for the terminal: counts, speed, runner, and where to look. A stream's
+        rate counts the time it was busy, not the time it waited for new files."""
+        idle_s = self.counters.get("idle_ms", 0) / 1000
+        busy_s = max(self.elapsed_s - idle_s, 0.0)
+        rate = self.records / busy_s if busy_s > 0 else 0.0
+        speed = f"{rate:,.0f} records/s" + (f" over {busy_s:.1f} s busy" if idle_s else "")
         lines = [
             f"{self.pipeline}: {self.state} in {self.elapsed_s:.1f} s on {self.runner}",
-            f"  records read  {self.records:>12,}   ({rate:,.0f} records/s)",
+            f"  records read  {self.records:>12,}   ({speed})",
             f"  upserted      {self.upserted:>12,}   into {self.table} "
             f"({self.changed:,} rows inserted or changed)",
             f"  dead letters  {self.dead_letters:>12,}",
@@ -151,7 +158,8 @@ def committed_counters(dsn: str, run_id: str) -> dict[str, int]:
 def runner_that_ran(result, options: PipelineOptions, runner: object = None) -> str:
     """Name the runner that really ran: the DirectRunner may have used Prism or the FnApiRunner.
 
-    Portable runs clear ``--runner`` in the options, so the runner object names them.
+    Portable runs clear ``--runner`` in the options, so the runner object names them. A run
+    that was interrupted has no result: its runner object stands in for it.
     """
     requested = options.view_as(StandardOptions).runner or (
         type(runner).__name__ if runner is not None else "DirectRunner"
@@ -173,6 +181,8 @@ def runner_that_ran(result, options: PipelineOptions, runner: object = None) -> 
     if module.endswith("portable_runner") and portable.job_endpoint:
         workers = portable.environment_type or "DOCKER"
         return f"{requested} (job service {portable.job_endpoint}, {workers} workers)"
+    if module == "pipelines.dask_runner":  # its result, or its runner if interrupted
+        return f"DaskRunner ({result.cluster or 'no scheduler reached'})"
     if module.endswith("direct_runner"):
         return f"{requested} -> BundleBasedDirectRunner"
     return requested
@@ -181,6 +191,19 @@ def runner_that_ran(result, options: PipelineOptions, runner: object = None) -> 
 def _requested_runner(options: PipelineOptions) -> str:
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     return runner if isinstance(runner, str) else type(runner).__name__
+
+
+@contextlib.contextmanager
+def showing(
+    measure: Optional[Measure], dsn: str, run_id: str, every_s: float = 10.0
+) -> Iterator[None]:
+    """Show the run's progress while the block runs (nothing without a measure)."""
+    if measure is None:
+        yield
+        return
+    with progress.committed(dsn, run_id) as read:
+        with progress.Reporter(measure, read, every_s=every_s).running():
+            yield
 
 
 @contextlib.contextmanager
@@ -227,9 +250,10 @@ def execute(
     dsn = datalake.resolve_dsn(lake.dsn)
     datalake.migrate(dsn)
     run_id = str(uuid.uuid4())
-    target = Target(dsn, run_id, name, lake.batch_size, retry_s=lake.db_retry)
+    stop = stopping.stop_file(run_id)
+    target = Target(dsn, run_id, name, lake.batch_size, retry_s=lake.db_retry, stop_file=stop)
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    build(pipeline, options, target)
+    measure = build(pipeline, options, target)
     recorded = {k: v for k, v in options.get_all_options(drop_default=True).items() if k != "dsn"}
     with datalake.connect(dsn, autocommit=True) as conn:
         datalake.mark_abandoned(conn)
@@ -238,8 +262,11 @@ def execute(
     runner, counters, state, failure = _requested_runner(pipeline.options), {}, "FAILED", None
     try:
         with heartbeat(dsn, run_id), bulk_garbage_collection():
-            result = pipeline.run()
-            result.wait_until_finish()
+            # The first Ctrl-C asks the sources to stop: what is in flight is written.
+            with interrupts.on_interrupt(lambda: stopping.request_stop(stop)):
+                with showing(None if lake.quiet else measure, dsn, run_id, lake.progress_every):
+                    result = pipeline.run()
+                    result.wait_until_finish()
         state = str(result.state).replace("PipelineState.", "")
         runner = runner_that_ran(result, pipeline.options, pipeline.runner)
         _LOG.info("%s ran on %s", name, runner)
@@ -247,24 +274,51 @@ def execute(
         if result.state != PipelineState.DONE:
             failure = f"{name} ended {state} on {runner}"
             state = "FAILED"
+        elif interrupts.requested():  # a graceful stop (sources stopped, all written)
+            state = "CANCELLED"
+        elif measure is not None and measure.max_bad_fraction is not None:
+            failure = too_bad(
+                dsn,
+                run_id,
+                {**counters, **committed_counters(dsn, run_id)},
+                measure.max_bad_fraction,
+            )
+            state = "FAILED" if failure else state
         elif interrupts.requested():  # a graceful stop (a stream drained) is a cancel
             state = "CANCELLED"
     except KeyboardInterrupt:
         state = "CANCELLED"
+        runner = runner_that_ran(pipeline.runner, pipeline.options, pipeline.runner)
     except Exception as error:  # noqa: BLE001 - recorded, then raised as one line
         failure = root_cause(error)
     elapsed = time.monotonic() - started
+    stopping.clear_stop(stop)
     with contextlib.suppress(Exception):  # the datalake may be what failed
         counters = {**counters, **committed_counters(dsn, run_id)}
     counters = dict(counters, elapsed_ms=int(elapsed * 1000))
     with contextlib.suppress(Exception):
         datalake.finish_run(dsn, run_id, state, runner, counters)
-    outcome = RunResult(name, run_id, runner, state, counters, elapsed, table)
+    planned = measure.total if measure is not None and measure.unit != "B" else None
+    outcome = RunResult(name, run_id, runner, state, counters, elapsed, table, planned=planned)
     if state == "CANCELLED":
         raise RunInterrupted(outcome)
     if failure is not None:
         raise RunFailed(f"{name} failed: {failure}", outcome)
     return outcome
+
+
+def too_bad(dsn: str, run_id: str, counters: dict[str, int], bar: float) -> Optional[str]:
+    """Why a finished run fails its bar: more than ``bar`` of its records dead letters (with
+    the most common reason, which for input of the wrong kind names the right pipeline)."""
+    result = RunResult("", run_id, "", "", counters, 0.0)
+    if not result.records or result.dead_letters / result.records <= bar:
+        return None
+    reason = datalake.commonest_dead_letter(dsn, run_id)
+    return (
+        f"{result.dead_letters:,} of {result.records:,} records"
+        f" ({result.dead_letters / result.records:.0%}) are dead letters, more than"
+        f" --max_bad_fraction {bar:g}; most say: {reason}"
+    )
 
 
 def root_cause(error: BaseException) -> str:
@@ -276,7 +330,7 @@ def root_cause(error: BaseException) -> str:
         cause = cause.__cause__ or cause.__context__
     for line in reversed(lines):
         if ":" in line and not line.startswith(("File ", "[", "During handling")):
-            return line[:500]
+            return re.sub(r" \[while running '[^']*'\]$", "", line)[:500]
     return datalake.first_line(cause)[:500]
 
 

@@ -9,7 +9,9 @@ from the same classes (``api_options``), with the same types and ranges.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -26,46 +28,74 @@ class UsageError(Exception):
 # --- value types: argparse ``type=`` callables that say what is wrong ------------------------
 
 
-def whole_number(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
-    """A whole number in [minimum, maximum]."""
-    span = f"from {minimum:,} to {maximum:,}" if maximum is not None else f">= {minimum:,}"
+@dataclasses.dataclass(frozen=True)
+class WholeNumber:
+    """An option's type: a whole number in [minimum, maximum] (the REST API reads the bounds)."""
 
-    def parse(text: str) -> int:
+    minimum: int
+    maximum: Optional[int] = None
+
+    def __call__(self, text: str) -> int:
+        span = (
+            f"from {self.minimum:,} to {self.maximum:,}"
+            if self.maximum is not None
+            else (f">= {self.minimum:,}")
+        )
         try:
             value = int(str(text).replace("_", ""))
         except ValueError:
             raise argparse.ArgumentTypeError(f"takes a whole number {span}, not {text!r}")
-        if value < minimum or (maximum is not None and value > maximum):
+        if value < self.minimum or (self.maximum is not None and value > self.maximum):
             raise argparse.ArgumentTypeError(f"takes a whole number {span}, not {value:,}")
         return value
 
-    parse.__name__ = "whole number"
-    return parse
+
+@dataclasses.dataclass(frozen=True)
+class Number:
+    """An option's type: a finite number above ``minimum`` (or at it, unless ``exclusive``)
+    and at most ``maximum``; ``what`` says it in words."""
+
+    what: str
+    minimum: float
+    maximum: Optional[float] = None
+    exclusive: bool = False
+
+    def __call__(self, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low_ok = value > self.minimum if self.exclusive else value >= self.minimum
+        if not (
+            math.isfinite(value) and low_ok and (self.maximum is None or value <= self.maximum)
+        ):
+            raise argparse.ArgumentTypeError(f"takes {self.what}, not {text!r}")
+        return value
 
 
-def fraction(text: str) -> float:
-    """A number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"takes a number from 0 to 1, not {text!r}")
-    return value
+fraction = Number("a number from 0 to 1", 0.0, 1.0)
+rate = Number("records per second > 0", 0.0, exclusive=True)
 
 
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhd]?)\s*$")
 
 
-def duration(text: Any) -> float:
-    """Seconds from ``90``, ``90s``, ``30m``, ``6h`` or ``1d``."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"takes a duration such as 90, 90s, 30m, 6h or 1d, not {text!r}"
-        )
-    return float(match.group(1)) * _UNITS[match.group(2)]
+class Duration:
+    """An option's type: seconds from ``90``, ``90s``, ``30m``, ``6h`` or ``1d``."""
+
+    pattern = _DURATION
+
+    def __call__(self, text: Any) -> float:
+        match = self.pattern.match(str(text))
+        if not match:
+            raise argparse.ArgumentTypeError(
+                f"takes a duration such as 90, 90s, 30m, 6h or 1d, not {text!r}"
+            )
+        return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+duration = Duration()
 
 
 def describe_duration(seconds: float) -> str:
@@ -93,7 +123,7 @@ class DatalakeOptions(PipelineOptions):
         )
         parser.add_argument(
             "--batch_size",
-            type=whole_number(1, 1_000_000),
+            type=WholeNumber(1, 1_000_000),
             default=DEFAULT_BATCH_SIZE,
             help=f"rows per COPY + upsert transaction (default {DEFAULT_BATCH_SIZE:,})",
         )
@@ -106,6 +136,12 @@ class DatalakeOptions(PipelineOptions):
         )
         parser.add_argument(
             "--quiet", action="store_true", help="no progress while the run goes on"
+        )
+        parser.add_argument(
+            "--progress_every",
+            type=duration,
+            default=10.0,
+            help="when the output is not a terminal: a progress line this often (default 10s)",
         )
 
 
@@ -162,19 +198,19 @@ class EmotionOptions(PipelineOptions):
         )
         parser.add_argument(
             "--max_tokens",
-            type=whole_number(2, 512),
+            type=WholeNumber(2, 512),
             default=256,
             help="truncate texts to this many tokens",
         )
         parser.add_argument(
             "--torch_threads",
-            type=whole_number(1, 64),
+            type=WholeNumber(1, 64),
             default=1,
             help="torch threads per worker process",
         )
         parser.add_argument(
             "--limit",
-            type=whole_number(0),
+            type=WholeNumber(0),
             default=None,
             help="run emotions: classify at most this many reviews",
         )
@@ -228,7 +264,7 @@ class StreamOptions(PipelineOptions):
         )
         parser.add_argument(
             "--rate",
-            type=_positive_rate,
+            type=rate,
             default=None,
             help="--replay: records per second (default: as read)",
         )
@@ -267,16 +303,6 @@ class StreamOptions(PipelineOptions):
             default=None,
             help="landing zone root (default $TERMIDATOR_HOME/landing)",
         )
-
-
-def _positive_rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = -1.0
-    if not rate > 0:
-        raise argparse.ArgumentTypeError(f"takes records per second > 0, not {text!r}")
-    return rate
 
 
 # --- parsing, strictly ----------------------------------------------------------------------
@@ -318,6 +344,19 @@ def flag_names(parser: argparse.ArgumentParser) -> list[str]:
 def parse(argv: Sequence[str]) -> PipelineOptions:
     """Pipeline options from a command line; an unknown flag or a bad value is a
     UsageError naming the nearest valid flag."""
+    argv = list(argv)
+    for index, arg in enumerate(argv):
+        name = arg.removeprefix("--runner=")
+        given = name != arg or argv[index - 1 : index] == ["--runner"]
+        if given and name.lower() in ("dask", "daskrunner"):
+            try:  # Beam has no short name for it; the import adds the --dask_* options
+                from pipelines.dask_runner import RUNNER
+            except ModuleNotFoundError as error:
+                raise UsageError(
+                    f"--runner DaskRunner needs the dask extra ({error.name} is missing):"
+                    " pip install -e '.[dask]'"
+                ) from None
+            argv[index] = arg.removesuffix(name) + RUNNER
     parser = _parser()
     _, unknown = parser.parse_known_args(list(argv))
     for arg in unknown:
@@ -345,7 +384,7 @@ def option_help(classes: Iterable[type]) -> str:
 # Anything that chooses where or what code runs (runner, job_endpoint, environment_*, ...)
 # comes only from the service's own configuration.
 API_BEAM_OPTIONS: Mapping[str, Callable[[str], Any]] = {
-    "direct_num_workers": whole_number(1, 64),
+    "direct_num_workers": WholeNumber(1, 64),
 }
 
 

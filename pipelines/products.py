@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.files import ReadDataset
 from connectors.sink import PRODUCTS, Target
-from pipelines.composites import RECORDS, ReadParseClean, WriteDatalake
+from pipelines.composites import ingest_files
 from pipelines.lifecycle import RunResult, execute
 from pipelines.options import DatalakeOptions, IngestOptions
+from pipelines.progress import Measure
 from transforms.records import PRODUCT
 
 NAME = "products"
@@ -19,12 +19,9 @@ DESCRIPTION = "product metadata files (2014/2018/2023) -> products"
 OPTIONS = (DatalakeOptions, IngestOptions)
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> beam.PCollection:
-    """Read, parse, clean and upsert products; returns the cleaned records."""
-    source = ReadDataset(options.view_as(IngestOptions).input or [], NAME)
-    rows = pipeline | "ReadParseClean" >> ReadParseClean(source, PRODUCT, NAME)
-    _ = rows | "WriteDatalake" >> WriteDatalake(PRODUCTS, target)
-    return rows[RECORDS]
+def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> Measure:
+    """Read, parse, clean and upsert products."""
+    return ingest_files(pipeline, options, target, PRODUCT, PRODUCTS)[1]
 
 
 def run(

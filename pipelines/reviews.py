@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors.files import ReadDataset
 from connectors.sink import REVIEWS, Target
-from pipelines.composites import RECORDS, ReadParseClean, WriteDatalake, write_emotions
+from pipelines.composites import RECORDS, ingest_files, write_emotions
 from pipelines.lifecycle import RunResult, execute
 from pipelines.options import DatalakeOptions, EmotionOptions, IngestOptions
+from pipelines.progress import Measure
 from transforms.records import REVIEW
 
 NAME = "reviews"
@@ -19,14 +19,12 @@ DESCRIPTION = "review files (2014/2018/2023, .json/.jsonl[.gz]) -> reviews [--em
 OPTIONS = (DatalakeOptions, IngestOptions, EmotionOptions)
 
 
-def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> beam.PCollection:
-    """Read, parse, clean and upsert reviews; returns the cleaned records."""
-    source = ReadDataset(options.view_as(IngestOptions).input or [], NAME)
-    rows = pipeline | "ReadParseClean" >> ReadParseClean(source, REVIEW, NAME)
-    _ = rows | "WriteDatalake" >> WriteDatalake(REVIEWS, target)
+def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> Measure:
+    """Read, parse, clean and upsert reviews [and classify their emotions]."""
+    rows, measure = ingest_files(pipeline, options, target, REVIEW, REVIEWS)
     if options.view_as(EmotionOptions).emotions:
         write_emotions(rows[RECORDS], options, target)
-    return rows[RECORDS]
+    return measure
 
 
 def run(

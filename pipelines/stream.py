@@ -24,9 +24,9 @@ from connectors.landing import SettleLandedFiles
 from connectors.landing_source import FollowLanding
 from connectors.replay import ReplayFile
 from connectors.sink import PRODUCTS, REVIEWS, CommitHook, Target
-from pipelines import interrupts
 from pipelines.composites import RECORDS, ReadParseClean, WriteDatalake, write_emotions
 from pipelines.lifecycle import RunFailed, RunInterrupted, RunResult, execute
+from pipelines.progress import Measure
 from pipelines.options import (
     DatalakeOptions,
     EmotionOptions,
@@ -58,23 +58,21 @@ def landing_root(stream: StreamOptions) -> Path:
     return root
 
 
-def drain_file(stream: StreamOptions, run_id: str) -> str:
-    """A hidden file whose existence tells the run's source to stop (any worker that sees
-    the landing zone sees it)."""
-    return os.path.join(landing_root(stream), f".drain-{run_id}")
-
-
-def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> beam.PCollection:
-    """Follow the landing zone (or replay a file) into the datalake; returns cleaned records."""
+def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> Measure:
+    """Follow the landing zone (or replay a file) into the datalake."""
     stream = options.view_as(StreamOptions)
     check(stream)
     options.view_as(StandardOptions).streaming = True
     kind = landing.DATASETS[stream.dataset]
-    drain = drain_file(stream, target.run_id)
     hooks: list[CommitHook] = []
     if stream.replay:
         source = ReplayFile(
-            stream.replay, stream.rate, NAME, stream.stop_after, drain, (target.dsn, target.run_id)
+            stream.replay,
+            stream.rate,
+            NAME,
+            stream.stop_after,
+            target.stop_file,
+            (target.dsn, target.run_id),
         )
         _LOG.info("stream: replaying %s at %s records/s", stream.replay, stream.rate or "max")
     else:
@@ -88,7 +86,7 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> 
             stream.poll_interval,
             stream.stop_after,
             stream.stop_after_idle,
-            drain,
+            target.stop_file,
         )
         # Every sink of a landed file's records settles it in landing_files.
         hooks.append(SettleLandedFiles(stream.dataset, target.run_id))
@@ -98,9 +96,10 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> 
             stream.poll_interval,
         )
     rows = pipeline | "ReadParseClean" >> ReadParseClean(source, kind, NAME)
+    measure = following(stream, target)
     if kind != REVIEW:
         _ = rows | "WriteDatalake" >> WriteDatalake(PRODUCTS, target, hooks)
-        return rows[RECORDS]
+        return measure
     emotion = options.view_as(EmotionOptions)
     live = stats.LiveReviewStats(
         target.run_id, emotion.model, stream.window, stream.allowed_lateness, stream.stats_every
@@ -113,7 +112,40 @@ def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> 
         describe_duration(stream.window),
         describe_duration(stream.stats_every),
     )
-    return rows[RECORDS]
+    return measure
+
+
+def following(stream: StreamOptions, target: Target) -> Measure:
+    """A stream's progress: records written (open-ended), and the landing backlog."""
+    table = REVIEWS.table if stream.dataset == "reviews" else PRODUCTS.table
+
+    def backlog() -> str:
+        if stream.replay:
+            facts = f"replaying {os.path.basename(stream.replay)}"
+        else:
+            waiting = landing.backlog(target.dsn, landing_root(stream))[stream.dataset]
+            age = waiting["oldest_age_s"]
+            facts = f"backlog {waiting['files']:,} files" + (
+                f", oldest {age:,.0f} s" if age else ""
+            )
+        if table == "reviews":
+            with datalake.connect(target.dsn, autocommit=True) as conn:
+                newest = stats.newest_window(conn)
+            if newest is not None:
+                state = "final" if newest["final"] else "partial"
+                facts += (
+                    f", newest window {newest['window_start'][:16]}: {newest['reviews']:,}"
+                    f" reviews of {newest['products']:,} products ({state})"
+                )
+        return facts
+
+    return Measure(
+        "stream",
+        done=(f"{table}_upserted", "dead_letters_upserted"),
+        unit="records",
+        shown={"review_emotions_upserted": "emotions"} if table == "reviews" else {},
+        detail=backlog,
+    )
 
 
 def run(
@@ -126,18 +158,12 @@ def run(
     """
     started: list[tuple[PipelineOptions, Target]] = []
 
-    def built(pipeline: beam.Pipeline, options: PipelineOptions, target: Target):
+    def built(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> Measure:
         started.append((options, target))
         return build(pipeline, options, target)
 
-    def stop() -> None:
-        for options, target in started:
-            with contextlib.suppress(OSError):
-                Path(drain_file(options.view_as(StreamOptions), target.run_id)).touch()
-
     try:
-        with interrupts.on_interrupt(stop):
-            result = execute(NAME, built, argv, test_pipeline, table=_table(argv))
+        result = execute(NAME, built, argv, test_pipeline, table=_table(argv))
     except (RunFailed, RunInterrupted) as ended:
         _note_waiting(ended.result, started)
         raise
@@ -146,8 +172,6 @@ def run(
         return result
     finally:
         for options, target in started:
-            with contextlib.suppress(OSError):
-                os.unlink(drain_file(options.view_as(StreamOptions), target.run_id))
             _last_refresh(options, target)
 
 

@@ -1440,10 +1440,14 @@ def _write_gzip(path: str, chunks: Iterator[bytes]) -> None:
 def write_dataset(kind: str, fmt: int, count: int, output: str, seed: int = 0) -> int:
     """Write ``count`` generated lines to ``output`` (gzip if it ends in ``.gz``); return it.
 
-    Parent directories are created. The bytes are the same for the same arguments.
+    Parent directories are created. The bytes are the same for the same arguments. The
+    file appears whole or not at all: it is written under a hidden name, then renamed (an
+    interrupted run leaves nothing behind).
     """
     lines = iter_lines(kind, fmt, count, seed)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    folder, name = os.path.split(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f".{name}.partial")
     written = 0
 
     def counted() -> Iterator[str]:
@@ -1452,12 +1456,17 @@ def write_dataset(kind: str, fmt: int, count: int, output: str, seed: int = 0) -
             written += 1
             yield line
 
-    if output.endswith(".gz"):
-        _write_gzip(output, _chunks(counted()))
-    else:
-        with open(output, "wb") as out:
-            for chunk in _chunks(counted()):
-                out.write(chunk)
+    try:
+        if output.endswith(".gz"):
+            _write_gzip(partial, _chunks(counted()))
+        else:
+            with open(partial, "wb") as out:
+                for chunk in _chunks(counted()):
+                    out.write(chunk)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
     return written
 
 
@@ -1467,15 +1476,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", type=int, choices=FORMATS, required=True, help="dataset generation"
     )
-    parser.add_argument("--count", type=int, required=True, help="number of lines to write")
+    parser.add_argument("--count", type=_count, required=True, help="number of lines to write")
     parser.add_argument("--output", required=True, help="file to write; gzip if it ends in .gz")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
+def _count(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {text!r}")
+    return value
+
+
 def main(args: argparse.Namespace) -> int:
     """Run ``generate`` from parsed arguments: write the file, print one summary line."""
-    if args.count < 0:
-        raise SystemExit(f"error: --count must be 0 or more, not {args.count}")
     written = write_dataset(args.kind, args.format, args.count, args.output, args.seed)
     print(f"wrote {written} {args.kind} ({args.format}) to {args.output}")
     return 0

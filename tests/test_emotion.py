@@ -33,7 +33,6 @@ from transforms.emotion import (
     EmotionModelHandler,
     LoadedEmotionModel,
     _sub_batches,
-    failed_batch,
     model_text,
 )
 from transforms.records import DeadLetter, EmotionResult, Review
@@ -222,17 +221,12 @@ def test_a_text_the_tokenizer_refuses_fails_alone(tiny):
 
 
 def test_whole_failed_batch_from_run_inference_becomes_one_failure_per_review():
+    """A batch whose inference fails as a whole (here the model is missing) gives one
+    failure per review, never an exception that would stop the run."""
     batch = [EmotionInput("a", "s", 1, "x"), EmotionInput("b", "s", 2, "y")]
-    try:
-        raise RuntimeError("device lost\nmore detail")
-    except RuntimeError as exc:
-        import sys
-        import traceback
-
-        error = (type(exc), repr(exc), traceback.format_exception(*sys.exc_info()))
-    failures = list(failed_batch((batch, error)))
+    failures = list(EmotionModelHandler().run_inference(batch, None))
     assert [f.item.review_id for f in failures] == ["a", "b"]
-    assert failures[0].error.startswith("RuntimeError")
+    assert failures[0].error.startswith("AttributeError")
 
 
 def test_default_model_on_unmistakable_texts():

@@ -157,10 +157,23 @@ def test_line_numbers_and_bad_bytes_survive_block_boundaries(tmp_path, monkeypat
     path.write_bytes(gzip.compress(data) if gz else data)
 
     assert list(files.iter_lines(str(path))) == list(enumerate(data.split(b"\n")[:-1], 1))
-    fn = files.ReadLinesFn("test")
-    out = list(fn.process(str(path)))
-    records = [(r.line, r.text) for r in out if not hasattr(r, "tag")]
-    dead = [(d.value.line, d.value.error.split(":")[0]) for d in out if hasattr(d, "tag")]
+    out = list(files.read_lines(str(path), "test"))
+    records = [(r.line, r.text) for r in out if type(r) is files.RawRecord]
+    dead = [(d.line, d.error.split(":")[0]) for d in out if type(d) is files.DeadLetter]
     expected = [(i + 1, LINES[i]) for i in range(120) if i not in (7, 90)]  # line 51 loses its \r
     assert records == expected
     assert dead == [(91, "not UTF-8 text")]
+
+
+def test_a_directory_means_the_dataset_files_in_it_recursively(tmp_path):
+    for name in ("a.jsonl", "sub/b.json.gz", "sub/deeper/c.ndjson", ".hidden.jsonl"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("not a dataset")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.json").write_text("{}")
+    found = [Path(p).relative_to(tmp_path).as_posix() for p in expand_inputs(str(tmp_path))]
+    assert found == ["a.jsonl", "sub/b.json.gz", "sub/deeper/c.ndjson"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoInputError, match="no dataset file in"):
+        expand_inputs(str(tmp_path / "empty"))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
+import sys
+import subprocess
+import signal
 import ast
 import datetime
 import gzip
@@ -551,3 +555,24 @@ def test_samples_are_reproducible_from_make_samples():
     assert sorted(built) == sorted(SAMPLE_FILES)
     for name, lines in built.items():
         assert _sample_lines(SAMPLES / name) == lines, name
+
+
+def test_ctrl_c_leaves_no_half_written_file_and_says_so(tmp_path):
+    out = tmp_path / "big.json.gz"
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipelines", "generate", "reviews", "--format", "2018"]
+        + ["--count", "50000000", "--output", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the hidden partial file: writing has begun
+    child.send_signal(signal.SIGINT)
+    output, _ = child.communicate(timeout=60)
+    assert child.returncode == 130, output
+    assert output.strip().splitlines() == ["interrupted: nothing was left half-done"]
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -299,6 +300,7 @@ def test_notebook_command_serves_the_notebooks_with_the_datalake_connected(fille
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     base = f"http://127.0.0.1:{port}"
     client = None
@@ -351,9 +353,10 @@ def test_notebook_command_serves_the_notebooks_with_the_datalake_connected(fille
     finally:
         if client is not None:
             client.stop_channels()
-        server.terminate()  # JupyterLab shuts its kernels down on SIGTERM
+        server.send_signal(signal.SIGINT)  # Ctrl-C: JupyterLab is asked to stop, gracefully
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+            assert server.wait(timeout=30) == 130
+        finally:
             server.kill()
             server.wait()
+    assert "interrupted: JupyterLab stopped" in log.read_text()

@@ -20,6 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import query
 from connectors.sink import REVIEWS, Target, WriteDeadLetters, WriteRows
 from pipelines import emotions, products, reviews
+from pipelines.cli import main as cli_main
 from samples import generate
 from test_parse import META_2014, META_2018, META_2023, REVIEW_2014, REVIEW_2018, REVIEW_2023
 from transforms.clean import clean_review
@@ -152,7 +153,7 @@ def test_bad_lines_become_dead_letters_with_line_numbers_and_counts_agree(datala
         REVIEW_2023,
     ]
     path = write_lines(tmp_path / "mixed.jsonl", lines)
-    summary = reviews.run(["--dsn", datalake, "--input", path])
+    summary = reviews.run(["--dsn", datalake, "--input", path, "--max_bad_fraction", "1"])
 
     dead = query(
         datalake, "SELECT stage, line, source, raw, run_id::text FROM dead_letters ORDER BY line"
@@ -392,6 +393,7 @@ def test_main_job_ingests_every_bundled_sample_and_classifies_emotions(datalake)
     """`python -m pipelines run` with no name: all three generations, then emotions."""
     result = cli("run", "--dsn", datalake)
     assert result.returncode == 0, result.stderr
+    assert "direct_num_workers" not in result.stderr  # Beam's warning has no cause left
     assert [line.split(":")[0] for line in result.stdout.splitlines() if ": DONE" in line] == [
         "products",
         "reviews",
@@ -510,3 +512,33 @@ def test_a_newer_generation_wins_over_an_older_one_streamed_later(datalake, tmp_
     )
     assert summary.upserted == 1 and summary.changed == 0
     assert stored_review(datalake) == [NEWEST]
+
+
+# --- a run fed the wrong input stops early and says which pipeline reads it -----------------
+
+
+def test_reviews_fed_to_products_stop_early_naming_the_right_pipeline(datalake, tmp_path, capsys):
+    path = tmp_path / "Books.jsonl"
+    generate.write_dataset("reviews", 2023, 3000, str(path), seed=3)
+    assert cli_main(["run", "products", "--input", str(path), "--dsn", datalake]) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "this input is for `run reviews`" in error[0], error
+    assert "Traceback" not in capsys.readouterr().err
+    assert query(datalake, "SELECT state FROM pipeline_runs") == [("FAILED",)]
+    (dead,) = query(datalake, "SELECT count(*) FROM dead_letters")[0]
+    assert dead < 3000  # stopped after the first few thousand, not at the end
+
+
+def test_a_run_of_mostly_dead_letters_fails_at_the_end_over_the_bar(datalake, tmp_path, capsys):
+    good = [REVIEW_2018] * 3
+    path = write_lines(tmp_path / "mixed.json", good + ["not a record"] * 4)
+    assert cli_main(["run", "reviews", "--input", path, "--dsn", datalake]) == 1
+    error = capsys.readouterr().err
+    assert "4 of 7 records (57%) are dead letters, more than --max_bad_fraction 0.5" in error
+    assert "most say: truncated or malformed record" in error
+    assert (
+        cli_main(
+            ["run", "reviews", "--input", path, "--dsn", datalake] + ["--max_bad_fraction", "0.6"]
+        )
+        == 0
+    )

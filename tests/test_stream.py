@@ -20,7 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.utils.timestamp import Timestamp
 
 from conftest import query
-from connectors import landing, landing_source, stats
+from connectors import landing, landing_source, stats, stopping
 from connectors.sink import REVIEW_EMOTIONS, REVIEWS, Target, WriteRows
 from connectors.datalake import connect, finish_run, start_run
 from connectors.landing import LandingFile
@@ -271,6 +271,8 @@ def test_stream_lands_every_record_once_and_a_restart_reads_only_unfinished_file
     assert "FnApiRunner" in first.runner or "Prism" in first.runner
     assert first.records == 6 and (first.upserted, first.dead_letters) == (4, 2)
     assert first.counters["landing_records_settled"] == 6
+    # Its rate counts the time it was busy, not the --stop-after-idle it waited at the end.
+    assert first.counters["idle_ms"] >= 1000 and "s busy)" in first.format()
     assert query(datalake, "SELECT count(*) FROM reviews") == [(3,)]  # A sent twice: one row
     assert query(datalake, "SELECT name, state, records FROM landing_files ORDER BY 1") == [
         ("1.jsonl", "done", 3),
@@ -516,3 +518,48 @@ def test_emotions_count_in_their_reviews_window_whatever_arrives_first(datalake)
         ("P1", 0, 2, 5.0, {"anger": 1, "joy": 1}),
         ("P2", 0, 1, 5.0, {"joy": 1}),
     ]
+
+
+def test_review_stats_appear_and_update_while_the_stream_runs(datalake, tmp_path):
+    """The stats of a window are written while the stream runs (partial, then final once
+    the watermark passes the window's end); a late review within the allowed lateness
+    updates its window's row; a restart that reads the same reviews again counts nothing
+    twice."""
+    hour = 3600
+    t = 1_300_000_000 // hour * hour  # windows of an hour start at multiples of it
+    root = tmp_path / "landing"
+    argv = ["--dsn", datalake, "--landing", str(root), "--poll-interval", "0.2"]
+    argv += ["--stats-every", "0.5", "--window", "1h", "--allowed-lateness", "1d"]
+    argv += ["--stop-after-idle", "120", "--quiet"]
+    landing.land_lines(
+        "reviews", [review("A", "P1", t + 10), review("B", "P1", t + 20, 2.0)], "1.jsonl", root
+    )
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(first=stream.run(argv)))
+    thread.start()
+
+    def p1() -> list[tuple]:
+        return query(
+            datalake, "SELECT reviews, mean_rating, final FROM review_stats" " WHERE asin = 'P1'"
+        )
+
+    try:
+        wait_for(lambda: p1() == [(2, 3.0, False)], 120, 0.1)  # partial, while running
+        assert thread.is_alive()
+        landing.land_lines("reviews", [review("C", "P2", t + 2 * hour)], "2.jsonl", root)
+        wait_for(lambda: p1() == [(2, 3.0, True)], 60, 0.1)  # the watermark passed its end
+        late = review("D", "P1", t + 30, 5.0)  # behind the watermark, within the lateness
+        landing.land_lines("reviews", [late], "3.jsonl", root)
+        wait_for(lambda: p1() == [(3, pytest.approx(11 / 3), True)], 60, 0.1)
+        assert thread.is_alive()
+        (run_id,) = query(datalake, "SELECT run_id::text FROM pipeline_runs")[0]
+    finally:
+        stopping.request_stop(stopping.stop_file(run_id))  # what Ctrl-C does
+        thread.join(120)
+    # A restart that lands the same reviews again (a replayed file) counts nothing twice.
+    landing.land_lines("reviews", [late, review("A", "P1", t + 10)], "4.jsonl", root)
+    argv[argv.index("120")] = "1"
+    second = stream.run(argv)
+    assert second.upserted == 2  # the rows now name file 4 (the later source), and yet:
+    assert p1() == [(3, pytest.approx(11 / 3), True)]
+    assert query(datalake, "SELECT count(*) FROM reviews") == [(4,)]

@@ -435,8 +435,14 @@ class EmotionModelHandler(
         model: LoadedEmotionModel,
         inference_args: Optional[dict[str, Any]] = None,
     ) -> Iterable[Union[EmotionResult, InferenceFailure]]:
-        """Classify one batch of reviews."""
-        return model.classify(batch)
+        """Classify one batch of reviews; if the batch fails as a whole (the device is
+        lost, the model is broken), each review becomes an InferenceFailure: a run never
+        stops on inference, and no Flatten of a separate failure path is needed (local
+        runners would hold every result behind it until the end of the run)."""
+        try:
+            return model.classify(batch)
+        except Exception as exc:  # noqa: BLE001 - every review of the batch is kept
+            return [InferenceFailure(item, _describe(exc)) for item in batch]
 
     def get_num_bytes(self, batch: Sequence[EmotionInput]) -> int:
         """Text size of a batch (the default pickles the whole batch just to measure it)."""
@@ -508,22 +514,6 @@ def dead_letter(pipeline_name: str, item: EmotionInput, error: str) -> DeadLette
     return DeadLetter(pipeline_name, STAGE, item.source, item.line, raw, error)
 
 
-def failed_batch(element: Any) -> Iterator[InferenceFailure]:
-    """RunInference's dead letter (a whole failed batch, its error) -> one failure per review."""
-    batch, error = element[0], element[1]
-    if isinstance(error, tuple) and error:  # (exception type, repr, formatted traceback)
-        lines = [x.strip() for x in (error[2] if len(error) > 2 else []) if x.strip()]
-        last = lines[-1].splitlines()[-1] if lines else ""
-        name = getattr(error[0], "__name__", str(error[0]))
-        reason = last if last.startswith(name) else f"{name}: {error[1] if len(error) > 1 else ''}"
-    else:
-        reason = _describe(error) if isinstance(error, BaseException) else str(error)
-    if isinstance(batch, EmotionInput):
-        batch = [batch]
-    for item in batch:
-        yield InferenceFailure(item, reason[:1000])
-
-
 class ClassifyEmotions(beam.PTransform):
     """Reviews -> EmotionResult rows (main output) and DeadLetter rows (``dead_letters``).
 
@@ -578,13 +568,9 @@ class ClassifyEmotions(beam.PTransform):
             # Inference costs ~100x more than reading: break fusion with the source so
             # every worker gets a share even when one file feeds the pipeline.
             inputs = inputs | "Redistribute" >> beam.Reshuffle()
-        results, dlq = (
-            inputs | "RunInference" >> RunInference(self.handler).with_exception_handling()
-        )
-        failed = dlq.failed_inferences | "SplitFailedBatches" >> beam.FlatMap(failed_batch)
         return (
-            (results, failed)
-            | "Merge" >> beam.Flatten()
+            inputs
+            | "RunInference" >> RunInference(self.handler)
             | "Route"
             >> beam.ParDo(_RouteResults(self.pipeline_name)).with_outputs(
                 DEAD_LETTERS, main=EMOTIONS

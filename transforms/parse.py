@@ -142,14 +142,35 @@ def parse_record(raw: RawRecord) -> ParsedRecord:
     return ParsedRecord(raw.source, raw.line, kind, generation, fields, raw.text, cleaning)
 
 
-class ParseRecordFn(beam.DoFn):
-    """Decode a raw line; wrong-kind and undecodable lines become dead letters."""
+# Records a parse worker sees before it judges whether the input is the wrong kind.
+WRONG_KIND_SAMPLE = 2000
 
-    def __init__(self, expected_kind: Optional[str], pipeline_name: str):
+
+class WrongInput(ValueError):
+    """Most of the input is not what the pipeline reads (e.g. reviews fed to products):
+    the run stops early, naming the pipeline that reads it."""
+
+
+class ParseRecordFn(beam.DoFn):
+    """Decode a raw line; wrong-kind and undecodable lines become dead letters. After the
+    first ``WRONG_KIND_SAMPLE`` records, if more than ``max_bad_fraction`` of them were
+    dead letters, most of one other kind, the run stops (``WrongInput``)."""
+
+    def __init__(
+        self,
+        expected_kind: Optional[str],
+        pipeline_name: str,
+        max_bad_fraction: Optional[float] = None,
+    ):
         self._expected_kind = expected_kind
         self._pipeline_name = pipeline_name
+        self._max_bad_fraction = max_bad_fraction
         self._parsed = Metrics.counter(METRICS_NAMESPACE, "records_parsed")
         self._rejected = Metrics.counter(METRICS_NAMESPACE, "parse_dead_letters")
+
+    def setup(self):
+        self._seen = 0
+        self._bad: dict[str, int] = {}  # dead letters by the kind they were ("": none)
 
     def start_bundle(self):
         self._parsed_in_bundle = 0  # counted per bundle: a counter per record costs
@@ -158,15 +179,19 @@ class ParseRecordFn(beam.DoFn):
         self._parsed.inc(self._parsed_in_bundle)
 
     def process(self, raw: RawRecord):
+        other_kind = None
         try:
             record = parse_record(raw)
             if self._expected_kind and record.kind != self._expected_kind:
+                other_kind = record.kind
                 raise ParseError(
                     f"this is a {record.kind} record ({record.source_format} format), not a "
                     f"{self._expected_kind}; ingest it with `{_PIPELINE_FOR[record.kind]}`"
                 )
         except Exception as error:  # noqa: BLE001 - every bad line becomes a dead letter
             self._rejected.inc()
+            self._bad[other_kind or ""] = self._bad.get(other_kind or "", 0) + 1
+            self._judge()
             yield pvalue.TaggedOutput(
                 DEAD_LETTERS,
                 DeadLetter(
@@ -179,8 +204,35 @@ class ParseRecordFn(beam.DoFn):
                 ),
             )
             return
+        self._judge()
         self._parsed_in_bundle += 1
         yield record
+
+    def _judge(self) -> None:
+        """Once, at the ``WRONG_KIND_SAMPLE``-th record: stop if the input is the wrong kind."""
+        self._seen += 1
+        if self._seen == WRONG_KIND_SAMPLE and self._max_bad_fraction is not None:
+            verdict = wrong_kind_verdict(
+                self._seen, self._bad, self._expected_kind or "", self._max_bad_fraction
+            )
+            if verdict is not None:
+                raise WrongInput(verdict)
+
+
+def wrong_kind_verdict(
+    seen: int, by_kind: dict[str, int], expected: str, max_bad_fraction: float
+) -> Optional[str]:
+    """Why a run should stop, if more than ``max_bad_fraction`` of ``seen`` records were
+    dead letters and most of those were records of another kind (else None)."""
+    bad = sum(by_kind.values())
+    other = max((k for k in by_kind if k), key=by_kind.__getitem__, default=None)
+    if not seen or bad / seen <= max_bad_fraction or other is None or by_kind[other] < bad / 2:
+        return None
+    return (
+        f"{by_kind[other]:,} of the first {seen:,} records are {other} records, not"
+        f" {expected}s: this input is for `{_PIPELINE_FOR[other]}` (stopped early; to go"
+        f" on anyway, --max_bad_fraction 1)"
+    )
 
 
 def _describe(error: Exception) -> str:
@@ -196,12 +248,18 @@ class ParseRecords(beam.PTransform):
     Returns a tagged result: ``.records`` and ``.dead_letters``.
     """
 
-    def __init__(self, expected_kind: Optional[str] = None, pipeline_name: str = ""):
+    def __init__(
+        self,
+        expected_kind: Optional[str] = None,
+        pipeline_name: str = "",
+        max_bad_fraction: Optional[float] = None,
+    ):
         super().__init__()
         self._expected_kind = expected_kind
         self._pipeline_name = pipeline_name or (expected_kind or "parse")
+        self._max_bad_fraction = max_bad_fraction
 
     def expand(self, raw_records):
         return raw_records | "Decode" >> beam.ParDo(
-            ParseRecordFn(self._expected_kind, self._pipeline_name)
+            ParseRecordFn(self._expected_kind, self._pipeline_name, self._max_bad_fraction)
         ).with_outputs(DEAD_LETTERS, main="records")

@@ -103,6 +103,16 @@ class DeadLetter(NamedTuple):
     error: str
 
 
+class StoredReview(NamedTuple):
+    """The part of a stored review that emotion analysis reads (with its lineage)."""
+
+    review_id: str
+    title: Optional[str]
+    text: Optional[str]
+    source: Optional[str]
+    line: Optional[int]
+
+
 class EmotionResult(NamedTuple):
     """The emotion of one review by one model: top label, its score, every label's score."""
 
@@ -113,5 +123,5 @@ class EmotionResult(NamedTuple):
     scores: Mapping[str, float]
 
 
-for _record_type in (RawRecord, Review, Product, DeadLetter, EmotionResult):
+for _record_type in (RawRecord, Review, Product, DeadLetter, StoredReview, EmotionResult):
     beam.coders.registry.register_coder(_record_type, beam.coders.RowCoder)
