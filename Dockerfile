@@ -24,11 +24,11 @@ COPY samples/__init__.py samples/
 COPY analysis/__init__.py analysis/
 COPY training/__init__.py training/
 COPY server/__init__.py server/
-RUN pip install ".[serve,notebooks]"
+RUN pip install ".[serve,notebooks,dask]"
 
 # The project itself, editable: `python -m pipelines notebook` serves /app/notebooks.
 COPY . .
-RUN pip install --no-deps -e ".[serve,notebooks]" \
+RUN pip install --no-deps -e ".[serve,notebooks,dask]" \
     && useradd --create-home --uid 1000 termidator \
     && mkdir -p "$TERMIDATOR_HOME" \
     && chown termidator "$TERMIDATOR_HOME"

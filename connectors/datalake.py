@@ -27,6 +27,7 @@ DATALAKE_TABLES = (
     "reviews",
     "review_emotions",
     "review_stats",
+    "review_embeddings",
     "landing_files",
     "dead_letters",
     "pipeline_runs",
@@ -227,8 +228,17 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def required_extensions(script: str) -> list[str]:
+    """The extensions a migration needs, from its ``-- requires: a, b`` first line."""
+    first = script.lstrip().splitlines()[0] if script.strip() else ""
+    if not first.startswith("-- requires:"):
+        return []
+    return [name.strip() for name in first.split(":", 1)[1].split(",") if name.strip()]
+
+
 def migrate(dsn: str) -> list[str]:
-    """Apply pending migrations in order, once each, under an advisory lock.
+    """Apply pending migrations in order, once each, under an advisory lock; one that
+    needs an extension this Postgres lacks waits (and is applied once it has it).
 
     Returns the names applied now (empty when the schema is current).
     """
@@ -242,8 +252,13 @@ def migrate(dsn: str) -> list[str]:
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+            available = {n for (n,) in conn.execute("SELECT name FROM pg_available_extensions")}
             for version, name, script in migrations():
                 if version in done:
+                    continue
+                missing = set(required_extensions(script)) - available
+                if missing:  # applied once the extension is installed
+                    _LOG.warning("%s waits for the %s extension", name, ", ".join(missing))
                     continue
                 conn.execute(script)
                 conn.execute(
@@ -255,13 +270,19 @@ def migrate(dsn: str) -> list[str]:
 
 
 def table_counts(dsn: str, tables: Iterable[str]) -> dict[str, int]:
-    """Exact row counts of the named tables."""
+    """Exact row counts of the named tables that exist (one waiting for an extension, such
+    as ``review_embeddings`` without pgvector, is left out)."""
     with connect(dsn) as conn:
+        found = [
+            table
+            for table in tables
+            if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+        ]
         return {
             table: conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
             ).fetchone()[0]
-            for table in tables
+            for table in found
         }
 
 

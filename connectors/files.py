@@ -58,7 +58,7 @@ def expand_inputs(patterns: Union[str, Sequence[str]]) -> list[str]:
                 matched = FileSystems.match([pattern])[0].metadata_list
             except Exception as error:  # noqa: BLE001 - the filesystem's own words follow
                 raise NoInputError(f"cannot list {pattern!r}: {error}") from None
-            paths = sorted(m.path for m in matched if not m.path.endswith("/"))
+            paths = sorted(_absolute(m.path) for m in matched if not m.path.endswith("/"))
         if not paths:
             raise NoInputError(
                 f"no file matches {pattern!r}: check the path, and quote globs "
@@ -68,10 +68,16 @@ def expand_inputs(patterns: Union[str, Sequence[str]]) -> list[str]:
     return list(files)
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (workers elsewhere have their own working directory);
+    a URL such as gs://... as it is."""
+    return path if "://" in path else os.path.abspath(path)
+
+
 def dataset_files(directory: str) -> list[str]:
     """The dataset files below a local directory, recursively, sorted; hidden ones skipped."""
     found = []
-    for folder, subfolders, names in os.walk(directory):
+    for folder, subfolders, names in os.walk(os.path.abspath(directory)):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         found += [
             os.path.join(folder, name)

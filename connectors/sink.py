@@ -32,7 +32,7 @@ from apache_beam.utils.timestamp import Timestamp
 from psycopg import sql
 
 from connectors import datalake
-from transforms.records import DeadLetter, EmotionResult, Product, Review
+from transforms.records import DeadLetter, EmotionResult, Product, Review, ReviewEmbedding
 
 SINK_STAGE = "sink"
 DEFAULT_BATCH_SIZE = 10_000
@@ -72,6 +72,8 @@ _STAGE_TYPES: Mapping[Any, tuple[str, str, Optional[Callable[[Any], Any]]]] = {
     bool: ("bool", "{}", None),
     Timestamp: ("int8", _FROM_MICROS, _micros),
     Sequence[str]: ("text[]", "{}", None),
+    # pgvector reads a real[] cast: no client-side vector type needed for COPY.
+    Sequence[float]: ("float4[]", "{}::vector", list),
     Mapping[str, str]: ("text", _JSONB, _json_text),
     Mapping[str, int]: ("text", _JSONB, _json_text),
     Mapping[str, float]: ("text", _JSONB, _json_text),
@@ -200,6 +202,7 @@ class TableSpec:
 REVIEWS = TableSpec("reviews", Review, ("review_id",))
 PRODUCTS = TableSpec("products", Product, ("asin",))
 REVIEW_EMOTIONS = TableSpec("review_emotions", EmotionResult, ("review_id", "model"))
+REVIEW_EMBEDDINGS = TableSpec("review_embeddings", ReviewEmbedding, ("review_id", "model"))
 
 
 def dead_letter_table(run_id: Optional[str]) -> TableSpec:

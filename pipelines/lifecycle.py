@@ -132,7 +132,7 @@ def beam_counters(result) -> dict[str, int]:
     counters: dict[str, int] = {}
     try:
         found = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
-    except NotImplementedError:  # e.g. the DaskRunner
+    except NotImplementedError:  # e.g. Beam's own DaskRunner (ours reports them)
         return counters
     except RecursionError:  # Beam 2.77's FnApiRunner after thousands of bundles (a stream)
         _LOG.info("the runner's metrics are too deep to read; counting from the datalake")
@@ -189,8 +189,10 @@ def runner_that_ran(result, options: PipelineOptions, runner: object = None) -> 
 
 
 def _requested_runner(options: PipelineOptions) -> str:
+    """The runner asked for, by its short name (what a run that never started records)."""
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
-    return runner if isinstance(runner, str) else type(runner).__name__
+    runner = runner if isinstance(runner, str) else type(runner).__name__
+    return runner.rsplit(".", 1)[-1]
 
 
 @contextlib.contextmanager

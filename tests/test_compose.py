@@ -8,6 +8,7 @@ import ast
 import fnmatch
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,6 +22,14 @@ from samples import sample_files
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 APP_SERVICES = ("pipelines", "jupyter", "api")
+# Started only with `docker compose --profile dask|flink up`.
+DASK_SERVICES = ("dask-scheduler", "dask-worker")
+FLINK_SERVICES = (
+    "flink-jobmanager",
+    "flink-taskmanager",
+    "flink-job-server",
+    "flink-python-worker",
+)
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")  # not $${escaped}
 
 
@@ -71,7 +80,14 @@ def check_cli_command(argv: list[str]) -> None:
 
 def test_services_volumes_and_healthcheck(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", *APP_SERVICES}
+    assert {name for name, s in services.items() if "profiles" not in s} == {
+        "postgres",
+        *APP_SERVICES,
+    }
+    assert {name: s["profiles"] for name, s in services.items() if "profiles" in s} == {
+        **{name: ["dask"] for name in DASK_SERVICES},
+        **{name: ["flink"] for name in FLINK_SERVICES},
+    }
 
     postgres = services["postgres"]
     assert "pgvector" in postgres["image"]
@@ -130,6 +146,103 @@ def test_jupyter_and_api_publish_their_ports_and_take_their_tokens(compose):
     ]
     assert VARIABLE.fullmatch(api["environment"]["TERMIDATOR_API_TOKEN"])
     assert VARIABLE.fullmatch(jupyter["environment"]["JUPYTER_TOKEN"])
+
+
+# --- the cluster profiles ----------------------------------------------------------------
+
+
+def published(service: dict) -> dict[int, str]:
+    """Container port -> the host address it is published on."""
+    ports = {}
+    for port in service.get("ports", []):
+        host, host_port, container = port.rsplit(":", 2)
+        assert host_port == container, port
+        ports[int(container)] = host
+    return ports
+
+
+@pytest.mark.parametrize("name", DASK_SERVICES + ("flink-python-worker",))
+def test_cluster_workers_run_the_project_image_like_the_app(compose, name):
+    service, app = compose["services"][name], compose["services"]["pipelines"]
+    for key in ("build", "image", "environment", "volumes"):
+        assert service[key] == app[key], f"{name}: {key} differs from the pipelines service"
+    assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def test_the_dask_profile_is_a_scheduler_and_workers(compose):
+    scheduler, worker = (compose["services"][name] for name in DASK_SERVICES)
+    assert scheduler["command"][:2] == ["dask", "scheduler"]
+    assert published(scheduler) == {8786: "${TERMIDATOR_BIND:-127.0.0.1}"}
+    assert "8786" in " ".join(scheduler["healthcheck"]["test"])
+    assert worker["command"][:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
+    assert worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    assert worker["deploy"]["replicas"] >= 2 and "ports" not in worker
+
+
+def test_the_image_installs_what_the_dask_profile_needs():
+    extras, names = image_requirements()
+    assert "dask[distributed]" in names, (
+        "`docker compose --profile dask` runs the project's image as dask scheduler and"
+        f" workers: the Dockerfile must install the dask extra too (it installs {extras})"
+    )
+
+
+def test_the_flink_profile_matches_beam_and_flink_versions(compose):
+    from apache_beam import __version__ as beam_version
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    jobmanager, taskmanager, job_server, worker = (
+        compose["services"][name] for name in FLINK_SERVICES
+    )
+    found = re.fullmatch(r"apache/beam_flink([\d.]+)_job_server:(.+)", job_server["image"])
+    assert found, job_server["image"]
+    flink, beam = found.groups()
+    assert beam == beam_version and flink in FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS
+    for service in (jobmanager, taskmanager):
+        assert service["image"].startswith(f"flink:{flink}-"), service["image"]
+    assert [jobmanager["command"], taskmanager["command"]] == [["jobmanager"], ["taskmanager"]]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in job_server["command"])
+    assert flags["flink-master"] == "flink-jobmanager:8081" and flags["job-host"] == "0.0.0.0"
+    shared = f"beam-artifacts:{flags['artifacts-dir']}"  # staged by one, read by the other
+    assert shared in job_server["volumes"] and shared in taskmanager["volumes"]
+    bind = "${TERMIDATOR_BIND:-127.0.0.1}"
+    assert published(job_server) == {8099: bind, 8098: bind}
+    assert published(jobmanager) == {8081: bind}
+    assert worker["network_mode"] == "service:flink-taskmanager"  # localhost:50000 there
+    assert worker["command"][2:] == [
+        "apache_beam.runners.worker.worker_pool_main",
+        "--service_port=50000",
+    ]
+
+
+def documented_runs(path: Path) -> list[tuple[str, list[str]]]:
+    """(compose service, argv after `python -m pipelines run`) of every `docker compose run`
+    in the shell blocks of a markdown file, continuation lines joined."""
+    runs = []
+    for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:3] == ["docker", "compose", "run"] and "pipelines" in words:
+                start = words.index("python")
+                assert words[start : start + 4] == ["python", "-m", "pipelines", "run"], line
+                runs.append((words[start - 1], words[start + 4 :]))
+    return runs
+
+
+def test_the_documented_cluster_commands_parse_and_name_the_services(compose):
+    from pipelines import options
+
+    runs = documented_runs(ROOT / "docs" / "RUNNERS.md")
+    endpoints = set()
+    for service, argv in runs:
+        assert service in compose["services"], service
+        pipeline, flags = argv[0], argv[1:]
+        assert pipeline in cli.PIPELINES
+        parsed = options.parse(flags).get_all_options()
+        endpoints.add(parsed.get("address") or parsed.get("job_endpoint"))
+        if parsed.get("environment_type") == "LOOPBACK":  # the task manager calls back
+            assert compose["services"][service]["network_mode"] == "service:flink-taskmanager"
+    assert {"tcp://dask-scheduler:8786", "flink-job-server:8099"} <= endpoints
 
 
 def test_every_variable_has_a_default_and_is_documented_in_env_example():
@@ -193,7 +306,9 @@ def test_dockerfile_cmd_is_a_cli_command_and_copies_exist():
     assert {"8000", "8888"} <= exposed
 
 
-def test_the_image_installs_what_the_notebooks_and_jupyter_need():
+def image_requirements() -> tuple[list[str], set[str]]:
+    """The extras the Dockerfile installs, and the requirement names they bring in (with
+    each extra of a requirement as ``name[extra]``)."""
     extras = set()
     for keyword, rest in dockerfile():
         if keyword == "RUN":
@@ -208,12 +323,17 @@ def test_the_image_installs_what_the_notebooks_and_jupyter_need():
         name, extras_named = re.match(r"\s*([\w.-]+)\s*(?:\[([^\]]*)\])?", requirement).groups()
         names.add(name.lower())
         names.update(f"{name.lower()}[{e.strip()}]" for e in (extras_named or "").split(",") if e)
+    return sorted(extras), names
+
+
+def test_the_image_installs_what_the_notebooks_and_jupyter_need():
+    extras, names = image_requirements()
     # Interactive Beam needs Beam's `interactive` extra: it caps pandas below 3, whose
     # removed DataFrame.first breaks `import apache_beam.runners.interactive` in Beam 2.77.
     for needed in ("jupyterlab", "matplotlib", "apache-beam[interactive]"):
         assert needed in names, (
             f"the image would lack {needed}: add it to setup.py (install_requires, or an "
-            f"extra the Dockerfile installs: {sorted(extras)})"
+            f"extra the Dockerfile installs: {extras})"
         )
 
 

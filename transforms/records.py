@@ -123,5 +123,21 @@ class EmotionResult(NamedTuple):
     scores: Mapping[str, float]
 
 
-for _record_type in (RawRecord, Review, Product, DeadLetter, StoredReview, EmotionResult):
+class ReviewEmbedding(NamedTuple):
+    """One review's sentence embedding by one model (L2-normalised), for semantic search."""
+
+    review_id: str
+    model: str
+    embedding: Sequence[float]
+
+
+for _record_type in (
+    RawRecord,
+    Review,
+    Product,
+    DeadLetter,
+    StoredReview,
+    EmotionResult,
+    ReviewEmbedding,
+):
     beam.coders.registry.register_coder(_record_type, beam.coders.RowCoder)
