@@ -217,7 +217,8 @@ def read_lines(
 class BytesRead:
     """Reports how far a run has read its files, as the run counter ``bytes_read`` in the
     datalake (where the launcher's progress reads it, whatever the runner), at most every
-    ``every_s`` seconds: a progress report costs one small statement."""
+    ``every_s`` seconds (the first block at once, so progress has a rate early): a
+    progress report costs one small statement."""
 
     def __init__(self, dsn: str, run_id: str, every_s: float = 2.0):
         self._dsn = dsn
@@ -226,7 +227,7 @@ class BytesRead:
         self._conn = None
         self._source = f"read-{uuid.uuid4().hex[:12]}"
         self._reported = self._unreported = 0
-        self._last = time.monotonic()
+        self._last = float("-inf")
 
     def start(self) -> Callable[[int], None]:
         """A ``position`` callback for one file."""

@@ -20,6 +20,13 @@ from test_stream import wait_for
 EMOTION_REVIEWS = 400
 
 
+def bytes_read(dsn: str) -> int:
+    (total,) = query(
+        dsn, "SELECT coalesce(sum(value), 0) FROM run_counters WHERE name = 'bytes_read'"
+    )[0]
+    return total
+
+
 def finish(child, timeout: float = 600) -> str:
     output, _ = child.communicate(timeout=timeout)
     return output
@@ -32,7 +39,8 @@ def test_ctrl_c_stops_a_batch_run_with_one_line_and_keeps_what_is_committed(data
     )
     try:
         wait_for(lambda: query(datalake, "SELECT count(*) FROM reviews")[0][0] > 0, 120, 0.05)
-        time.sleep(1.5)  # a progress line or two
+        wait_for(lambda: bytes_read(datalake) > 0, 60, 0.05)
+        time.sleep(2.5)  # a progress line or two (one a second) after the first report
         child.send_signal(signal.SIGINT)
         output = finish(child)
     finally:
@@ -107,12 +115,21 @@ def test_emotions_commit_as_they_go_survive_ctrl_c_and_kill_9_and_a_rerun_finish
         " USING (review_id) WHERE r.review_id IS NULL",
     ) == [(0,)]
 
-    # A rerun classifies only what is left; together, one row per review, none twice.
+    # A rerun classifies only what is left (no emotion, or no embedding yet: the two are
+    # committed apart); together, one row of each per review, none twice.
+    ((left,),) = query(
+        dsn,
+        "SELECT count(*) FROM reviews r WHERE text IS NOT NULL AND (NOT EXISTS (SELECT 1"
+        " FROM review_emotions e WHERE e.review_id = r.review_id) OR NOT EXISTS (SELECT 1"
+        " FROM review_embeddings b WHERE b.review_id = r.review_id))",
+    )
+    assert todo - killed <= left < todo
     child = pipeline_process(*argv)
     output = finish(child)
     assert child.returncode == 0, output
-    assert f"{todo - killed:,} reviews to classify" in output
+    assert f"{left:,} reviews to classify" in output
     assert emotion_rows(dsn) == todo
+    assert query(dsn, "SELECT count(*) FROM review_embeddings") == [(todo,)]
     assert query(
         dsn,
         "SELECT state, count(*) FROM pipeline_runs WHERE pipeline = 'emotions'"
