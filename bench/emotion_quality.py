@@ -1,18 +1,17 @@
 """Emotion quality: accuracy and macro-F1 on the GoEmotions test split, with baselines.
 
 Test examples are those whose labels map to a single Ekman class or only neutral (the
-same selection the default head was trained on; it never saw the test split). Next to
+same selection the default model was trained on; it never saw the test split). Next to
 the model: the majority class of the train split, and a lexicon baseline (NRC EmoLex
 counts, as shipped by the ``NRCLex`` package; a bench-only dependency).
 
-    python bench/emotion_quality.py --data DIR [--model M] [--dtype float32 bfloat16]
+    python bench/emotion_quality.py --data DIR [--model M] [--dtype auto int8 float32 bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import sys
 import time
@@ -25,15 +24,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from training.emotions import load_split, scores  # noqa: E402
-from transforms.emotion import (  # noqa: E402
-    DEFAULT_MODEL,
-    DTYPES,
-    LABELS,
-    EmotionInput,
-    LoadedEmotionModel,
-    check_model,
-)
+from bench.machine import cpu, publish  # noqa: E402
+from training.emotions import load_split, predict, scores  # noqa: E402
+from transforms.emotion import LoadedEmotionModel, check_model  # noqa: E402
+from transforms.emotion_model import DEFAULT_MODEL, DTYPES, LABELS  # noqa: E402
 
 NRC_EMOTIONS = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
@@ -80,14 +74,9 @@ def model_predict(
     unknown = set(loaded.labels) - set(LABELS)
     if unknown:
         print(f"note: labels {sorted(unknown)} are not Ekman's; they count as errors")
-    items = [EmotionInput(str(i), None, None, t) for i, t in enumerate(texts)]
     started = time.perf_counter()
-    predicted = []
-    for start in range(0, len(items), 64):
-        for result in loaded.classify(items[start : start + 64]):
-            label = getattr(result, "label", None)
-            predicted.append(LABELS.index(label) if label in LABELS else -1)
-    return np.asarray(predicted), time.perf_counter() - started, str(loaded.dtype)
+    predicted = predict(loaded, texts)
+    return predicted, time.perf_counter() - started, str(loaded.dtype)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -96,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--data", required=True, help="GoEmotions folder")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model (default: the offline one)")
     parser.add_argument(
-        "--dtype", nargs="+", default=["float32"], choices=DTYPES, help="dtypes to evaluate"
+        "--dtype", nargs="+", default=["auto"], choices=DTYPES, help="dtypes to evaluate"
     )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--torch-threads", type=int, default=2)
@@ -142,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     header = "| method | accuracy | macro-F1 | " + " | ".join(f"F1 {x}" for x in LABELS) + " |"
     lines = [
         f"GoEmotions test, single-Ekman-or-neutral examples: n = {len(truth):,}; "
-        f"max_tokens {args.max_tokens}; {platform.processor() or platform.machine()}",
+        f"max_tokens {args.max_tokens}; {cpu()}",
         "",
         header,
         "|" + "---|" * (3 + len(LABELS)),
@@ -151,10 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f1 = " | ".join(f"{result['f1'].get(x, 0.0):.3f}" for x in LABELS)
         lines.append(f"| {name} | {result['accuracy']:.3f} | {result['macro_f1']:.3f} | {f1} |")
     table = "\n".join(lines)
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "a", encoding="utf-8") as handle:
-            handle.write(table + "\n\n")
+    publish(table, args.markdown)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,10 @@ from typing import Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu, load  # noqa: E402
+from transforms.emotion import MAX_BATCH_SIZE  # noqa: E402
+from transforms.emotion_model import DEFAULT_MODEL  # noqa: E402
 
 DEFAULT_WORKERS = ("in_memory:1x1", "in_memory:1x2", "in_memory:2x1", "multi_processing:2x1")
 
@@ -122,6 +125,9 @@ def run_config(args: argparse.Namespace) -> dict:
 
     from transforms.emotion import ClassifyEmotions
 
+    from transforms.emotion_model import fastest_dtype
+
+    use_embeddings(args.embeddings)
     mode, shape = args.child.split(":")
     workers, threads = (int(x) for x in shape.split("x"))
     options = PipelineOptions(
@@ -164,15 +170,15 @@ def run_config(args: argparse.Namespace) -> dict:
         for d in metrics["distributions"]
         if d.key.metric.name == "load_model_latency_milli_secs"
     ]
-    classified = total("classified")
+    classified = total("emotion_classified")
     busy_s = sum(d.sum for d in latency) / 1e6
     worker_peaks = rss.worker_peaks_mib() or [rss.main_peak_mib()]
     return {
         "config": args.child,
-        "dtype": args.dtype,
+        "dtype": args.dtype if args.dtype != "auto" else f"auto: {fastest_dtype(threads)}",
         "classified": classified,
-        "dead_letters": total("dead_letters"),
-        "skipped_no_text": total("skipped_no_text"),
+        "dead_letters": total("emotion_dead_letters"),
+        "skipped_no_text": total("emotion_skipped_no_text"),
         "wall_s": wall,
         "reviews_per_s": classified / wall if wall else 0.0,
         "wall_ms_per_review": 1000 * wall / classified if classified else 0.0,
@@ -185,18 +191,33 @@ def run_config(args: argparse.Namespace) -> dict:
     }
 
 
+def use_embeddings(mode: str) -> None:
+    """Run the default model with its embeddings computed as ``mode`` ("base" or "tuned",
+    see ``transforms.emotion_model.build_network``); "shipped": as the package ships it."""
+    if mode == "shipped":
+        return
+    from transforms import emotion_model
+
+    artefact = Path(tempfile.mkdtemp(prefix=f"artefact-{mode}-"))
+    for name in emotion_model.ARTEFACT_FILES:
+        (artefact / name).write_bytes((emotion_model.ARTEFACT / name).read_bytes())
+    config = json.loads((artefact / "config.json").read_text())
+    (artefact / "config.json").write_text(json.dumps({**config, "embeddings": mode}))
+    emotion_model.ARTEFACT = artefact
+
+
 def run_profile(args: argparse.Namespace) -> dict:
     """Where the time goes, in-process, one thread: tokenising, padding, the model."""
-    import torch
+    from transforms import emotion_model
+    from transforms.emotion import EmotionInput, LoadedEmotionModel, model_text
 
-    from transforms import emotion
-    from transforms.emotion import EmotionInput, LoadedEmotionModel
+    use_embeddings(args.embeddings)
 
     with open(args.input, encoding="utf-8") as handle:
         reviews = [parse_line(line) for _, line in zip(range(args.profile), handle)]
-    texts = [emotion.model_text(r.title, r.text) for r in reviews]
+    texts = [model_text(r.title, r.text) for r in reviews]
     items = [EmotionInput(str(i), None, None, t) for i, t in enumerate(texts) if t]
-    model = LoadedEmotionModel(args.model, "cpu", args.max_tokens, 1, dtype=args.dtype)
+    model = LoadedEmotionModel(args.model, "cpu", args.max_tokens, 1, args.dtype)
     model.classify(items[:64])  # warm up
     size = args.max_batch_size
     batches = [items[i : i + size] for i in range(0, len(items), size)]
@@ -208,11 +229,12 @@ def run_profile(args: argparse.Namespace) -> dict:
     sorted_padded = 0
     for b in ids:
         order = sorted(range(len(b)), key=lambda i: len(b[i]))
-        for chunk in emotion._sub_batches(order, [len(x) for x in b]):
-            sorted_padded += len(chunk) * emotion.padded_width(max(len(b[i]) for i in chunk))
+        for chunk in emotion_model.sub_batches(order, [len(x) for x in b]):
+            width = emotion_model.padded_width(max(len(b[i]) for i in chunk))
+            sorted_padded += len(chunk) * width
     started = time.perf_counter()
     for b in ids:
-        model.probabilities(b)
+        model.run(b)
     unsorted = time.perf_counter() - started
     started = time.perf_counter()
     for b in batches:
@@ -228,8 +250,7 @@ def run_profile(args: argparse.Namespace) -> dict:
         "padding_sorted": sorted_padded / real,
         "model_unsorted_ms": 1000 * unsorted / n,
         "classify_sorted_ms": 1000 * full / n,
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "torch": torch.__version__,
+        "dtype": model.dtype,
     }
 
 
@@ -239,6 +260,7 @@ def _child(args: argparse.Namespace, extra: Sequence[str], source: Optional[str]
     )
     cmd = [sys.executable, __file__, *extra, "--input", source or args.input]
     cmd += ["--model", args.model, "--max-tokens", str(args.max_tokens)]
+    cmd += ["--embeddings", args.embedding]
     cmd += [
         "--min-batch-size",
         str(args.min_batch_size),
@@ -256,11 +278,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reviews", type=int, default=2000, help="reviews to classify")
     parser.add_argument("--workers", nargs="+", default=list(DEFAULT_WORKERS), help="MODE:WxT")
-    parser.add_argument("--dtype", nargs="+", default=["auto"], help="auto, float32, bfloat16")
-    parser.add_argument("--model", default="minilm-goemotions-ekman")
+    parser.add_argument(
+        "--dtype", nargs="+", default=["auto"], help="auto, int8, float32, bfloat16"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--embeddings",
+        nargs="+",
+        default=["shipped"],
+        help="the default model's embeddings: shipped, base or tuned (one row set each)",
+    )
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--min-batch-size", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE)
     parser.add_argument("--format", type=int, default=2023, choices=(2018, 2023))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -282,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--profile-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child or args.profile_child:
-        args.dtype = args.dtype[0]
+        args.dtype, args.embeddings = args.dtype[0], args.embeddings[0]
         print(json.dumps(run_profile(args) if args.profile_child else run_config(args)))
         return 0
     from transforms.emotion import EmotionModelError, check_model
@@ -304,44 +334,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_input(Path(args.input), args.reviews, args.format, args.seed)
         small = str(Path(tmp) / "startup.jsonl")
         write_input(Path(small), args.startup_reviews, args.format, args.seed)
-        load_before = os.getloadavg()[0]
+        load_before = load()
         lines = [
             f"{args.reviews:,} generated {args.format} reviews, model {args.model}, max_tokens "
             f"{args.max_tokens}, batches {args.min_batch_size}-{args.max_batch_size}, "
-            f"fastest of {args.repeat} run(s) per row; "
-            f"{os.cpu_count()} CPUs ({platform.machine()}), load average before {load_before:.2f}",
+            f"fastest of {args.repeat} run(s) per row; {cpu()}; load average before {load_before}",
             "",
         ]
+        variants = [(e, d) for e in args.embeddings for d in args.dtype]
         profile_args = []
-        for dtype in args.dtype:
+        for args.embedding, dtype in variants:
             p = _child(args, ["--profile-child", "--dtype", dtype, "--profile", str(args.profile)])
-            profile_args.append(p)
+            profile_args.append({**p, "embeddings": args.embedding})
         lines += [
             f"Where the time goes (in-process, 1 thread, {profile_args[0]['reviews']} reviews: "
             f"{profile_args[0]['mean_tokens']:.0f} tokens on average, "
             f"{100 * profile_args[0]['truncated_share']:.0f}% cut at {args.max_tokens}):",
             "",
-            "| dtype | tokenise ms/review | padded/real tokens, batch of "
+            "| embeddings | dtype | tokenise ms/review | padded/real tokens, batch of "
             f"{args.max_batch_size} | same, length-sorted sub-batches | model ms/review, padded "
             "batch | classify ms/review, sorted sub-batches |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for p in profile_args:
             lines.append(
-                f"| {p['dtype']} | {p['tokenise_ms']:.2f} | {p['padding_unsorted']:.2f} | "
+                f"| {p['embeddings']} | {p['dtype']} | {p['tokenise_ms']:.2f} | {p['padding_unsorted']:.2f} | "
                 f"{p['padding_sorted']:.2f} | {p['model_unsorted_ms']:.1f} | "
                 f"{p['classify_sorted_ms']:.1f} |"
             )
         lines += [
             "",
-            "| runner mode | workers x torch threads | dtype | reviews/s | reviews/s after startup "
+            "| embeddings | runner mode | workers x threads | dtype | reviews/s | reviews/s after startup "
             f"({args.startup_reviews}-review run subtracted) | wall ms/review | "
             "inference busy ms/review | model load ms | peak RSS main MiB | peak RSS per worker MiB "
             "| model loads |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         print("\n".join(lines), flush=True)
-        for dtype in args.dtype:
+        for args.embedding, dtype in variants:
             for config in args.workers:
                 extra = ["--no-reshuffle"] if args.no_reshuffle else []
                 runs = [
@@ -360,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 marginal = (r["classified"] - r0["classified"]) / span if span > 0 else 0.0
                 mode, shape = config.split(":")
                 row = (
-                    f"| {mode} | {shape} | {dtype} | {r['reviews_per_s']:.1f} | {marginal:.1f} | "
+                    f"| {args.embedding} | {mode} | {shape} | {r['dtype']} | {r['reviews_per_s']:.1f} | {marginal:.1f} | "
                     f"{r['wall_ms_per_review']:.1f} | {r['busy_ms_per_review']:.1f} | "
                     f"{r['model_load_ms']:.0f} | {r['main_peak_mib']:.0f} | "
                     f"{r['worker_peak_mib']:.0f} | {r['model_loads']} |"
@@ -370,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 lines.append(row)
                 print(row, flush=True)
         lines.append("")
-        lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
+        lines.append(f"load average after: {load()}")
         print(lines[-1])
     if args.markdown:
         with open(args.markdown, "a", encoding="utf-8") as handle:

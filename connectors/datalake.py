@@ -269,15 +269,22 @@ def migrate(dsn: str) -> list[str]:
     return applied_now
 
 
+def has_table(conn: psycopg.Connection, table: str) -> bool:
+    """Whether ``table`` exists: one waiting for an extension (``review_embeddings``
+    without pgvector) does not."""
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
+
+
+def can_search(dsn: str) -> bool:
+    """Whether this datalake stores review embeddings (its Postgres has pgvector)."""
+    with connect(dsn, autocommit=True) as conn:
+        return has_table(conn, "review_embeddings")
+
+
 def table_counts(dsn: str, tables: Iterable[str]) -> dict[str, int]:
-    """Exact row counts of the named tables that exist (one waiting for an extension, such
-    as ``review_embeddings`` without pgvector, is left out)."""
+    """Exact row counts of the named tables that exist (see ``has_table``)."""
     with connect(dsn) as conn:
-        found = [
-            table
-            for table in tables
-            if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()[0]
-        ]
+        found = [table for table in tables if has_table(conn, table)]
         return {
             table: conn.execute(
                 sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))

@@ -62,9 +62,6 @@ class Query:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 5:
                 raise SearchError(f"{name} must be from 1 to 5, not {value:g}")
-        if self.min_rating is not None and self.max_rating is not None:
-            if self.min_rating > self.max_rating:
-                raise SearchError("min_rating is above max_rating: no review can match")
         if self.emotion is not None and self.emotion not in LABELS:
             raise SearchError(
                 f"unknown emotion {self.emotion!r}; choose one of: {', '.join(LABELS)}"
@@ -200,7 +197,7 @@ def _filters(query: Query) -> tuple[list[sql.Composable], dict[str, Any]]:
 
 
 def _check_searchable(conn: psycopg.Connection, model: str) -> None:
-    if not conn.execute("SELECT to_regclass('review_embeddings') IS NOT NULL").fetchone()[0]:
+    if not datalake.has_table(conn, "review_embeddings"):
         raise SearchUnavailable(
             "semantic search needs the pgvector extension in this Postgres (the embedded"
             " datalake and the compose image have it): install it, then run any command"

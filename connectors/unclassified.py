@@ -1,5 +1,6 @@
-"""The reviews an emotion model has not classified yet, read from the datalake as a Beam
-source that streams: a run commits its results as it goes, holds only a page of reviews
+"""The reviews an emotion model has not classified yet (or, for a model that embeds
+them, not embedded yet: a datalake classified before embeddings existed is backfilled),
+read from the datalake as a Beam source that streams: a run commits its results as it goes, holds only a page of reviews
 per worker in memory, and a rerun continues with what is left.
 
 The key space (``review_id`` is hexadecimal) is cut into ranges, one element each of a
@@ -26,9 +27,19 @@ PAGE = 500
 # emotion row, so they would be read again by every run and could fill every --limit.
 _UNCLASSIFIED = (
     "FROM reviews r WHERE r.text IS NOT NULL"
-    " AND NOT EXISTS (SELECT 1 FROM review_emotions e"
+    " AND (NOT EXISTS (SELECT 1 FROM review_emotions e"
     " WHERE e.review_id = r.review_id AND e.model = %(model)s)"
 )
+_OR_UNEMBEDDED = (
+    " OR NOT EXISTS (SELECT 1 FROM review_embeddings v"
+    " WHERE v.review_id = r.review_id AND v.model = %(embedding_model)s)"
+)
+
+
+def _todo(embedding_model: Optional[str]) -> str:
+    """FROM/WHERE of the reviews still to do: unclassified, or not embedded when the model
+    embeds."""
+    return _UNCLASSIFIED + (_OR_UNEMBEDDED if embedding_model else "") + ")"
 
 
 class KeyRange(NamedTuple):
@@ -45,13 +56,13 @@ class Plan(NamedTuple):
     last_key: Optional[str]
 
 
-def plan(dsn: str, model: str, limit: Optional[int]) -> Plan:
-    """Count the reviews still to classify (the first ``limit`` in key order)."""
+def plan(dsn: str, model: str, limit: Optional[int], embedding_model: Optional[str] = None) -> Plan:
+    """Count the reviews still to do (the first ``limit`` in key order)."""
     with datalake.connect(dsn, autocommit=True) as conn:
-        params = {"model": model, "limit": limit}
+        params = {"model": model, "limit": limit, "embedding_model": embedding_model}
         count, last = conn.execute(
             "SELECT count(*), max(review_id) FROM (SELECT r.review_id "
-            + _UNCLASSIFIED
+            + _todo(embedding_model)
             + " ORDER BY r.review_id LIMIT %(limit)s) AS todo",
             params,
         ).fetchone()
@@ -64,7 +75,7 @@ def sample(dsn: str, model: str, n: int) -> list[StoredReview]:
         with conn.cursor(row_factory=class_row(StoredReview)) as cursor:
             return cursor.execute(
                 "SELECT r.review_id, r.title, r.text, r.source, r.line "
-                + _UNCLASSIFIED
+                + _todo(None)
                 + " ORDER BY r.review_id LIMIT %(n)s",
                 {"model": model, "n": n},
             ).fetchall()
@@ -90,10 +101,18 @@ def key_ranges(last_key: Optional[str] = None) -> list[KeyRange]:
 class ReadRangeFn(beam.DoFn):
     """A key range -> its unclassified reviews, a page at a time, in key order."""
 
-    def __init__(self, dsn: str, model: str, stop_file: Optional[str], page: int = PAGE):
+    def __init__(
+        self,
+        dsn: str,
+        model: str,
+        stop_file: Optional[str],
+        embedding_model: Optional[str] = None,
+        page: int = PAGE,
+    ):
         self._dsn = dsn
         self._model = model
         self._stop_file = stop_file
+        self._embedding_model = embedding_model
         self._page = page
         self._read = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
@@ -123,16 +142,23 @@ class ReadRangeFn(beam.DoFn):
         with self._conn.cursor(row_factory=class_row(StoredReview)) as cursor:
             return cursor.execute(
                 "SELECT r.review_id, r.title, r.text, r.source, r.line "
-                + _UNCLASSIFIED
+                + _todo(self._embedding_model)
                 + " AND r.review_id > %(after)s"
                 " AND (%(last)s::text IS NULL OR r.review_id <= %(last)s)"
                 " ORDER BY r.review_id LIMIT %(page)s",
-                {"model": self._model, "after": after, "last": last, "page": self._page},
+                {
+                    "model": self._model,
+                    "embedding_model": self._embedding_model,
+                    "after": after,
+                    "last": last,
+                    "page": self._page,
+                },
             ).fetchall()
 
 
 class ReadUnclassified(beam.PTransform):
-    """Reviews not yet classified by ``model`` (up to ``last_key``), as ``StoredReview``."""
+    """Reviews not yet classified by ``model`` (or not embedded by ``embedding_model``)
+    up to ``last_key``, as ``StoredReview``."""
 
     def __init__(
         self,
@@ -140,11 +166,13 @@ class ReadUnclassified(beam.PTransform):
         model: str,
         last_key: Optional[str] = None,
         stop_file: Optional[str] = None,
+        embedding_model: Optional[str] = None,
     ):
         super().__init__()
         self._dsn = dsn
         self._model = model
         self._stop_file = stop_file
+        self._embedding_model = embedding_model
         self._ranges = key_ranges(last_key)
 
     def expand(self, pbegin):
@@ -152,7 +180,7 @@ class ReadUnclassified(beam.PTransform):
             pbegin
             | "KeyRanges" >> beam.Create(self._ranges)
             | "ReadPages"
-            >> beam.ParDo(ReadRangeFn(self._dsn, self._model, self._stop_file)).with_output_types(
-                StoredReview
-            )
+            >> beam.ParDo(
+                ReadRangeFn(self._dsn, self._model, self._stop_file, self._embedding_model)
+            ).with_output_types(StoredReview)
         )

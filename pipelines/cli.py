@@ -96,6 +96,12 @@ TOOLS: dict[str, tuple[str, str, Optional[str]]] = {
         "analysis.report",
         "notebooks",
     ),
+    "search": (
+        "find the reviews nearest in meaning to a query, with filters (--category, --asin,"
+        " --min-rating, --max-rating, --emotion, --since, --k)",
+        "pipelines.search",
+        None,
+    ),
     "train-emotions": (
         "retrain the default emotion model on GoEmotions (--data DIR)",
         "training.emotions",

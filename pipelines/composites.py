@@ -14,9 +14,10 @@ from typing import Mapping, Optional, Sequence, Union
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from connectors import models
+from connectors import datalake, models
 from connectors.files import ReadDataset
 from connectors.sink import (
+    REVIEW_EMBEDDINGS,
     REVIEW_EMOTIONS,
     CommitHook,
     TableSpec,
@@ -118,14 +119,16 @@ def ingest_files(
     return rows, measure
 
 
-def classify_emotions(
+def write_emotions(
     reviews: beam.PCollection,
     options: PipelineOptions,
-    pipeline_name: str,
+    target: Target,
+    hooks: Sequence[CommitHook] = (),
     reshuffle: bool = True,
-) -> dict[str, beam.PCollection]:
-    """Reviews -> ``{"records": EmotionResult, "emotion": dead letters}`` for
-    ``WriteDatalake(REVIEW_EMOTIONS, ...)`` (torch loads only when emotions run).
+) -> None:
+    """Reviews -> their emotions in ``review_emotions`` and, from the default model where
+    the datalake can search, their embeddings in ``review_embeddings`` (torch and the
+    runtimes load only when emotions run). ``hooks`` see the emotions' commits.
     ``reshuffle``: spread inference over workers (not needed when the source is spread)."""
     from transforms.emotion import ClassifyEmotions
 
@@ -137,19 +140,10 @@ def classify_emotions(
         max_tokens=emotion.max_tokens,
         torch_threads=emotion.torch_threads,
         dtype=emotion.dtype,
-        pipeline_name=pipeline_name,
+        pipeline_name=target.pipeline,
         reshuffle=reshuffle,
+        embeddings=datalake.can_search(target.dsn),
     )
-    return {RECORDS: result.emotions, "emotion": result.dead_letters}
-
-
-def write_emotions(
-    reviews: beam.PCollection,
-    options: PipelineOptions,
-    target: Target,
-    hooks: Sequence[CommitHook] = (),
-    reshuffle: bool = True,
-) -> None:
-    """Reviews -> their emotions classified and written to ``review_emotions``."""
-    emotions = classify_emotions(reviews, options, target.pipeline, reshuffle)
+    emotions = {RECORDS: result.emotions, "emotion": result.dead_letters}
     _ = emotions | "WriteEmotions" >> WriteDatalake(REVIEW_EMOTIONS, target, hooks)
+    _ = result.embeddings | "WriteEmbeddings" >> WriteDatalake(REVIEW_EMBEDDINGS, target)

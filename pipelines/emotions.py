@@ -1,5 +1,7 @@
 """The ``emotions`` pipeline: reviews in the datalake without emotions (for a model) ->
-``review_emotions``. Results commit as they go; a rerun classifies only what is left.
+``review_emotions``, and their embeddings -> ``review_embeddings`` (the default model,
+where the datalake can search; reviews classified before embeddings existed are
+embedded too). Results commit as they go; a rerun does only what is left.
 
 Before a long run it says what it will cost: how many reviews, and how long at the rate
 of the last run on this machine (or of a short warm-up measured now).
@@ -23,6 +25,7 @@ from pipelines.composites import write_emotions
 from pipelines.lifecycle import RunResult, execute
 from pipelines.options import DatalakeOptions, EmotionOptions
 from pipelines.progress import Measure, duration
+from transforms.emotion_model import DEFAULT_MODEL, EMBEDDING_MODEL
 
 NAME = "emotions"
 DESCRIPTION = "reviews in the datalake without emotions -> review_emotions [--model, --limit]"
@@ -38,10 +41,12 @@ _LOG = logging.getLogger(__name__)
 def build(pipeline: beam.Pipeline, options: PipelineOptions, target: Target) -> Measure:
     """Read unclassified reviews a page at a time, classify, upsert as it goes."""
     emotion = options.view_as(EmotionOptions)
-    todo = unclassified.plan(target.dsn, emotion.model, emotion.limit)
+    embeds = emotion.model == DEFAULT_MODEL and datalake.can_search(target.dsn)
+    embedding_model = EMBEDDING_MODEL if embeds else None
+    todo = unclassified.plan(target.dsn, emotion.model, emotion.limit, embedding_model)
     say_cost(todo.reviews, emotion, options, target.dsn)
     reviews = pipeline | "ReadUnclassified" >> ReadUnclassified(
-        target.dsn, emotion.model, todo.last_key, target.stop_file
+        target.dsn, emotion.model, todo.last_key, target.stop_file, embedding_model
     )
     batch = min(target.batch_size, COMMIT_EVERY)
     write_emotions(reviews, options, dataclasses.replace(target, batch_size=batch), reshuffle=False)
@@ -93,11 +98,7 @@ def warm_up_rate(dsn: str, emotion: EmotionOptions, workers: int) -> float:
     from transforms.emotion import EmotionInput, LoadedEmotionModel, model_text
 
     model = LoadedEmotionModel(
-        emotion.model,
-        emotion.device,
-        emotion.max_tokens,
-        emotion.torch_threads,
-        dtype=emotion.dtype,
+        emotion.model, emotion.device, emotion.max_tokens, emotion.torch_threads, emotion.dtype
     )
     sample = unclassified.sample(dsn, emotion.model, 64)
     texts = [(r.review_id, model_text(r.title, r.text)) for r in sample]

@@ -7,6 +7,8 @@
   separate processes on files under the input roots, with the options the service allows;
   where and what code runs (runner, job endpoint, environment) is the service's own
   configuration (``--job-arg``), never a caller's.
+- ``GET /v1/search?q=…``: the reviews nearest in meaning to a query, with filters (the
+  same answers as ``python -m pipelines search``).
 - ``GET /v1/health``, ``GET /v1/stats``.
 
 Every error is JSON: ``{"error": {"status", "code", "message"}}``, and the OpenAPI schema
@@ -20,6 +22,8 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
+import enum
 import errno
 import hmac
 import ipaddress
@@ -32,6 +36,7 @@ from typing import Any, AsyncIterator, Optional
 import psycopg
 from fastapi import Depends, FastAPI, Request
 from fastapi import Path as PathParameter
+from fastapi import Query as QueryParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -42,10 +47,12 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from connectors import datalake, idempotency, landing
+from connectors.search import MAX_K, MAX_QUERY_CHARS, Query, SearchError, SearchUnavailable
 from pipelines.interrupts import EXIT_INTERRUPTED
+from pipelines.search import find, hit_json
 from server import ingest
 from server.jobs import FINAL, JobError, JobManager, request_model
-from transforms.emotion_model import DEFAULT_MODEL
+from transforms.emotion_model import DEFAULT_MODEL, LABELS
 
 VERSION = "0.1.0"
 TOKEN_ENV = "TERMIDATOR_API_TOKEN"
@@ -165,6 +172,27 @@ class JobList(BaseModel):
     jobs: list[JobSummary] = Field(description="newest first")
 
 
+Emotion = enum.Enum("Emotion", {label: label for label in LABELS}, type=str)
+
+
+class SearchHit(BaseModel):
+    rank: int
+    similarity: float = Field(description="cosine similarity to the query, -1 to 1")
+    review_id: str
+    asin: str
+    rating: float
+    emotion: Optional[str] = Field(description="the default model's label, if classified")
+    product: Optional[str] = Field(description="the product's title, if its metadata is in")
+    title: Optional[str] = Field(description="the review's title")
+    first_line: str
+    reviewed_at: str
+
+
+class SearchAnswer(BaseModel):
+    query: str
+    hits: list[SearchHit]
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"], description="ok, or degraded")
     datalake: str = Field(examples=["ok"], description="ok, or unavailable")
@@ -172,12 +200,12 @@ class Health(BaseModel):
 
 
 _ERROR_TEXT = {
-    400: "bad request: a body that cannot be read as declared",
+    400: "bad request: a body that cannot be read as declared, or a search it cannot take",
     401: "missing or wrong bearer token",
     403: "the service has no input roots",
     404: "unknown dataset or job",
     405: "method not allowed on this path",
-    409: "conflict",
+    409: "conflict: the job has ended, or the datalake has no review embeddings to search",
     413: "body or line too large, or a gzip body that expands too much",
     415: "not NDJSON, or an unsupported Content-Encoding",
     421: "the Host header is not a loopback name (a token-less service answers only those)",
@@ -377,6 +405,8 @@ def create_app(settings: Settings) -> FastAPI:
         problems = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors()
         ]
+        if request.url.path == "/v1/search":  # a search it cannot take is a bad query
+            return error_response(400, "bad_query", "; ".join(problems))
         codes = {_problem_code(e) for e in error.errors()}
         code = codes.pop() if len(codes) == 1 else "invalid_request"
         return error_response(422, code, "; ".join(problems) or "invalid request")
@@ -429,6 +459,60 @@ def create_app(settings: Settings) -> FastAPI:
     async def stats() -> dict[str, Any]:
         """Rows per table, dead letters by stage, the landing backlog, jobs by state."""
         return await run_in_threadpool(_stats, settings, jobs)
+
+    @app.get(
+        "/v1/search",
+        tags=["search"],
+        operation_id="search",
+        response_model=SearchAnswer,
+        responses=errors(400, 409, 503),
+        dependencies=guarded,
+    )
+    async def search_reviews(
+        q: str = QueryParameter(
+            min_length=1,
+            max_length=MAX_QUERY_CHARS,
+            pattern=r"\S",
+            description="what the reviews should say",
+            examples=["stopped working after a week"],
+        ),
+        k: int = QueryParameter(10, ge=1, le=MAX_K, description="how many reviews"),
+        category: Optional[str] = QueryParameter(
+            None, description="only products in this category (case-insensitive)"
+        ),
+        asin: Optional[str] = QueryParameter(
+            None, description="only reviews of this product (asin or parent asin)"
+        ),
+        min_rating: Optional[float] = QueryParameter(None, ge=1, le=5),
+        max_rating: Optional[float] = QueryParameter(None, ge=1, le=5),
+        emotion: Optional[Emotion] = QueryParameter(None, description="the review's emotion"),
+        since: Optional[datetime.date] = QueryParameter(
+            None, description="only reviews written on or after this date"
+        ),
+    ) -> dict[str, Any]:
+        """The reviews nearest in meaning to ``q`` that pass the filters, best first (400:
+        a query it cannot take, whatever is wrong with it; 409: no embeddings yet, `run
+        emotions` makes them)."""
+        feeling = emotion.value if emotion is not None else None
+        query = Query(q, k, category, asin, min_rating, max_rating, feeling, since)
+        try:
+            hits = await run_in_threadpool(find, query, settings.dsn)
+        except SearchError as error:
+            raise ApiError(400, "bad_query", str(error)) from None
+        except SearchUnavailable as error:
+            raise ApiError(409, "search_unavailable", str(error)) from None
+        return {"query": query.text.strip(), "hits": [hit_json(h) for h in hits]}
+
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, less the 422 it adds to the search: a search's invalid
+        parameters answer 400 bad_query (see ``_invalid``)."""
+        if app.openapi_schema is None:
+            schema_of()["paths"]["/v1/search"]["get"]["responses"].pop("422", None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.post(
         "/v1/ingest/{dataset}",

@@ -23,18 +23,14 @@ from apache_beam.testing.util import assert_that, equal_to, is_empty
 from apache_beam.utils.timestamp import Timestamp
 
 from transforms.emotion import (
-    DEFAULT_MODEL,
-    HEAD_CONFIG,
-    HEAD_DIR,
-    LABELS,
     ClassifyEmotions,
     EmotionInput,
     EmotionModelError,
     EmotionModelHandler,
     LoadedEmotionModel,
-    _sub_batches,
     model_text,
 )
+from transforms.emotion_model import ARTEFACT, DEFAULT_MODEL, LABELS, sub_batches
 from transforms.records import DeadLetter, EmotionResult, Review
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,9 +146,9 @@ def test_truncation_and_length_sorted_sub_batches(tiny):
     assert len(ids[0]) == 5 and len(ids[1]) == 24  # [CLS] i love this [SEP]; clipped
     batch = [EmotionInput(f"r{i}", None, None, "good " * (i % 7 + 1)) for i in range(30)]
     results = model.classify(batch)
-    assert [r.review_id for r in results] == [b.review_id for b in batch]  # input order kept
+    assert [r.result.review_id for r in results] == [b.review_id for b in batch]  # in order
     lengths = [3, 9, 4, 8, 4, 9]
-    chunks = list(_sub_batches(sorted(range(6), key=lengths.__getitem__), lengths))
+    chunks = list(sub_batches(sorted(range(6), key=lengths.__getitem__), lengths))
     assert [i for c in chunks for i in c] == [0, 2, 4, 3, 1, 5]
 
 
@@ -213,9 +209,9 @@ def test_a_text_the_tokenizer_refuses_fails_alone(tiny):
     ]
     results = model.classify(batch)
     assert [type(r).__name__ for r in results] == [
-        "EmotionResult",
+        "Classified",
         "InferenceFailure",
-        "EmotionResult",
+        "Classified",
     ]
     assert results[1].item.review_id == "bad" and results[1].error
 
@@ -269,11 +265,13 @@ def test_default_model_on_unmistakable_texts():
         assert_that(out.dead_letters, is_empty(), label="NoDeadLetters")
 
 
-def test_default_head_ships_labels_and_test_metrics():
-    config = json.loads((HEAD_DIR / HEAD_CONFIG).read_text())
+def test_default_model_ships_small_with_labels_and_its_measured_test_metrics():
+    config = json.loads((ARTEFACT / "config.json").read_text())
     assert tuple(config["labels"]) == LABELS
-    assert config["metrics"]["test"]["accuracy"] >= 0.60
-    assert sum(f.stat().st_size for f in HEAD_DIR.iterdir()) < 400_000
+    for dtype in ("float32", "int8"):
+        test = config["metrics"][f"test {dtype}"]
+        assert test["accuracy"] >= 0.66 and test["macro_f1"] >= 0.57, (dtype, test)
+    assert sum(f.stat().st_size for f in ARTEFACT.iterdir()) < 1_000_000
 
 
 @pytest.mark.parametrize(
@@ -286,13 +284,13 @@ def test_unloadable_model_is_a_one_line_error_naming_the_fixes(model, monkeypatc
         ClassifyEmotions(model=model)
     message = str(caught.value)
     assert "\n" not in message and model in message
-    assert "--model minilm-goemotions-ekman" in message and "--model PATH" in message
+    assert "--model minilm-lora-goemotions-ekman" in message and "--model PATH" in message
 
 
 def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with pytest.raises(EmotionModelError, match="--model minilm-goemotions-ekman"):
+    with pytest.raises(EmotionModelError, match="--model minilm-lora-goemotions-ekman"):
         ClassifyEmotions(model="nobody-has-this/emotion-model-xyz")
 
 
@@ -305,9 +303,10 @@ def test_hub_id_found_in_the_offline_cache(tiny, tmp_path):
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     code = (
         "from transforms.emotion import *\n"
+        "from transforms.emotion_model import LABELS\n"
         "check_model('someone/tiny-emotions')\n"
         "m = LoadedEmotionModel('someone/tiny-emotions', 'cpu', 32, 1)\n"
-        "r = m.classify([EmotionInput('r', None, None, 'i love it')])[0]\n"
+        "r = m.classify([EmotionInput('r', None, None, 'i love it')])[0].result\n"
         "print(r.model, sorted(r.scores) == sorted(LABELS))\n"
     )
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1")
@@ -375,3 +374,66 @@ def test_a_lone_surrogate_in_a_python_literal_line_cannot_stop_an_inline_emotion
         ("bad \ufffd text",)
     ]
     assert query(datalake, "SELECT count(*) FROM review_emotions") == [(2,)]
+
+
+def goemotions_folder(folder: Path) -> Path:
+    """A small folder in the GoEmotions layout (emotions.txt, the Ekman mapping, tsv splits)."""
+    names = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
+    folder.mkdir()
+    (folder / "emotions.txt").write_text("\n".join(names) + "\n")
+    mapping = {name: [name] for name in names if name != "neutral"}
+    (folder / "ekman_mapping.json").write_text(json.dumps(mapping))
+    phrases = {
+        "anger": "this makes me furious and angry",
+        "disgust": "gross, disgusting, it made me sick",
+        "fear": "i am scared and afraid of it",
+        "joy": "i love it, so happy and thrilled",
+        "sadness": "so sad, i cried all day",
+        "surprise": "wow, i did not expect that at all",
+        "neutral": "it is a box with a lid",
+    }
+    for split, count in (("train", 12), ("dev", 4), ("test", 4)):
+        lines = [
+            f"{phrases[name]} number {i}\t{names.index(name)}\tid{split}{i}"
+            for i in range(count)
+            for name in names
+        ]
+        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_train_emotions_writes_an_artefact_the_pipeline_loads_and_prints_its_table(tmp_path):
+    data = goemotions_folder(tmp_path / "goemotions")
+    output = tmp_path / "artefact"
+    argv = ["--data", str(data), "--output", str(output), "--epochs", "1", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", "train-emotions", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("| split | accuracy | macro-F1 | F1 anger")
+    assert [line.split(" | ")[0] for line in lines[2:7]] == [
+        "| dev float32",
+        "| test float32",
+        "| dev int8",
+        "| test int8",
+        "| test, majority class",
+    ]
+    config = json.loads((output / "config.json").read_text())
+    assert config["training"]["examples"] == {"train": 84, "dev": 28}
+    assert set(config["metrics"]) >= {"test float32", "test int8"}
+    loaded = LoadedEmotionModel(DEFAULT_MODEL, "cpu", 64, 1, "float32", output)
+    (found,) = loaded.classify([EmotionInput("r", None, None, "i love it, so happy")])
+    assert found.result.label in LABELS and len(found.embedding) == 384
+    missing = subprocess.run(
+        [sys.executable, "-m", "pipelines", "train-emotions", "--data", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "lacks" in missing.stderr

@@ -31,7 +31,7 @@ from samples import sample_files
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-DEFAULT_MODEL = "minilm-goemotions-ekman"
+DEFAULT_MODEL = "minilm-lora-goemotions-ekman"
 LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 PLOTTING = re.compile(r"plt\.show\(\)|plots\.(?:bar|lines|heatmap|scatter|histogram|boxplot)\(")
 

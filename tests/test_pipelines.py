@@ -349,7 +349,7 @@ def test_emotions_pipeline_classifies_each_review_once(datalake, dataset):
     rows = query(datalake, "SELECT model, label, score, scores FROM review_emotions")
     assert len(rows) == 2
     for model, label, score, scores in rows:
-        assert model == "minilm-goemotions-ekman" and label in scores
+        assert model == "minilm-lora-goemotions-ekman" and label in scores
         assert score == pytest.approx(max(scores.values()), abs=1e-5)
         assert sum(scores.values()) == pytest.approx(1.0, abs=1e-3)
     second = emotions.run(["--dsn", datalake])
@@ -386,7 +386,7 @@ def test_reviews_with_emotions_classifies_inline(datalake, dataset):
 def test_an_unloadable_model_is_a_one_line_cli_error(datalake):
     result = cli("run", "emotions", "--dsn", datalake, "--model", "/nonexistent/model")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--model minilm-goemotions-ekman" in result.stderr
+    assert "--model minilm-lora-goemotions-ekman" in result.stderr
 
 
 def test_main_job_ingests_every_bundled_sample_and_classifies_emotions(datalake):
