@@ -70,11 +70,7 @@ class Query:
 
     @property
     def filtered(self) -> bool:
-        return any(
-            v is not None
-            for v in (self.category, self.asin, self.min_rating, self.max_rating)
-            + (self.emotion, self.since)
-        )
+        return any(getattr(self, name) is not None for name in _FILTERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,33 +163,22 @@ def _run(conn, statement, params: dict, query: Query, exact: Optional[bool]) -> 
         return conn.execute(statement, params).fetchall()
 
 
+# Each filter of a Query: the condition it adds, with its value as the named parameter.
+_FILTERS = {
+    "asin": "(r.asin = %(asin)s OR r.parent_asin = %(asin)s)",
+    "category": "(p.main_category ILIKE %(category)s"
+    " OR EXISTS (SELECT 1 FROM unnest(p.categories) c WHERE c ILIKE %(category)s))",
+    "min_rating": "r.rating >= %(min_rating)s",
+    "max_rating": "r.rating <= %(max_rating)s",
+    "emotion": "m.label = %(emotion)s",
+    "since": "r.reviewed_at >= %(since)s",
+}
+
+
 def _filters(query: Query) -> tuple[list[sql.Composable], dict[str, Any]]:
-    where: list[sql.Composable] = []
-    params: dict[str, Any] = {}
-    if query.asin is not None:
-        where.append(sql.SQL("(r.asin = %(asin)s OR r.parent_asin = %(asin)s)"))
-        params["asin"] = query.asin
-    if query.category is not None:
-        where.append(
-            sql.SQL(
-                "(p.main_category ILIKE %(category)s"
-                " OR EXISTS (SELECT 1 FROM unnest(p.categories) c WHERE c ILIKE %(category)s))"
-            )
-        )
-        params["category"] = query.category
-    if query.min_rating is not None:
-        where.append(sql.SQL("r.rating >= %(min_rating)s"))
-        params["min_rating"] = query.min_rating
-    if query.max_rating is not None:
-        where.append(sql.SQL("r.rating <= %(max_rating)s"))
-        params["max_rating"] = query.max_rating
-    if query.emotion is not None:
-        where.append(sql.SQL("m.label = %(emotion)s"))
-        params["emotion"] = query.emotion
-    if query.since is not None:
-        where.append(sql.SQL("r.reviewed_at >= %(since)s"))
-        params["since"] = query.since
-    return where, params
+    given = {name: getattr(query, name) for name in _FILTERS}
+    given = {name: value for name, value in given.items() if value is not None}
+    return [sql.SQL(_FILTERS[name]) for name in given], given
 
 
 def _check_searchable(conn: psycopg.Connection, model: str) -> None:
