@@ -427,6 +427,19 @@ def _ceilings(result: dict) -> str:
     return text
 
 
+def dataset(kind: str, count: int, fmt: int, folder: Path) -> Path:
+    """The generated gzip input of ``count`` records, made once and kept in ``folder``."""
+    path = folder / f"{kind}_{fmt}_{count}.jsonl.gz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pipelines", "generate", kind, "--format",
+             str(fmt), "--count", str(count), "--output", str(path)],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group(required=True)
@@ -452,14 +465,7 @@ def main() -> int:
     args.kind = "reviews" if args.reviews else "products"
     args.count = args.reviews or args.products
 
-    path = Path(args.data) / f"{args.kind}_{args.format}_{args.count}.jsonl.gz"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pipelines", "generate", args.kind, "--format",
-             str(args.format), "--count", str(args.count), "--output", str(path)],
-            cwd=ROOT, check=True,
-        )  # fmt: skip
+    path = dataset(args.kind, args.count, args.format, Path(args.data))
 
     home = None
     server_dsn = args.dsn
