@@ -37,11 +37,13 @@ setup(
         "onnxruntime>=1.18",
     ],
     # By role: the REST service and its client, the notebooks (and the analysis helpers
-    # they and the report use), the tests (which exercise all of them).
+    # they and the report use), retraining the emotion model, the tests (which exercise
+    # all of them).
     # (literal lists: tests and the Dockerfile read them without running this file)
     extras_require={
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27"],
         "dask": ["dask[distributed]>=2024.4.2"],
+        "train": ["peft>=0.11"],
         "notebooks": [
             "apache-beam[interactive]==2.77.0",
             "pandas>=2.2",
@@ -50,7 +52,7 @@ setup(
         ],
         "test": [
             "termidator[serve,notebooks]",
-            "termidator[dask]",
+            "termidator[dask,train]",
             "pytest>=8",
             "black>=24",
             "nbclient>=0.10",

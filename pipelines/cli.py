@@ -105,7 +105,7 @@ TOOLS: dict[str, tuple[str, str, Optional[str]]] = {
     "train-emotions": (
         "retrain the default emotion model on GoEmotions (--data DIR)",
         "training.emotions",
-        None,
+        "train",
     ),
 }
 

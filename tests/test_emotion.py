@@ -437,3 +437,23 @@ def test_train_emotions_writes_an_artefact_the_pipeline_loads_and_prints_its_tab
         timeout=120,
     )
     assert missing.returncode == 2 and "lacks" in missing.stderr
+
+
+def test_train_emotions_without_the_train_extra_is_one_line_naming_it(tmp_path):
+    hidden = tmp_path / "peft"  # shadows the installed package: as if it were not there
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'peft'\", name='peft')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", "train-emotions", "--data", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = [line for line in done.stderr.splitlines() if "peft" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(lines) == 1 and "pip install -e '.[train]'" in lines[0]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import peft  # noqa: F401 - the train extra, imported first: without it, a one-line error
 
 from transforms.emotion import EmotionInput, LoadedEmotionModel
 from transforms.emotion_model import ARTEFACT, DEFAULT_MODEL, LABELS, base_dir
